@@ -1,0 +1,1 @@
+"""Chunks: compression codecs, digests and (later) the per-host chunk cache."""

@@ -1,0 +1,1 @@
+"""RAFS (Nydus) image format: in-memory tree, bootstrap reader and writer, data blobs, merge."""
