@@ -20,7 +20,7 @@ from lazyfs.chunks.codec import Compressor, compress, decompress
 from lazyfs.chunks.digest import Digester, digest, verify
 from lazyfs.errors import BuildError, FormatError
 from lazyfs.rafs import blobmeta, layout
-from lazyfs.rafs.tree import BlobInfo, ChunkRef, TocInfo
+from lazyfs.rafs.tree import BLOCK_SIZE, BlobInfo, ChunkRef, TocInfo
 
 TAR_BLOCK = 512
 TOC_ENTRY_SIZE = 128
@@ -136,7 +136,7 @@ class BlobWriter:
             uncompressed_offset=self._uncompressed_end, uncompressed_size=len(data),
         )
         self._w.write(packed)
-        self._uncompressed_end += layout.align(len(data), layout.BLOCK_SIZE)
+        self._uncompressed_end += layout.align(len(data), BLOCK_SIZE)
         self._chunks.append(ref)
         self._by_digest[key] = ref
         return ref

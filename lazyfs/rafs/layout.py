@@ -8,6 +8,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from typing_extensions import Buffer
+
 from lazyfs.errors import FormatError
 
 EROFS_MAGIC = 0xE0F5E1E2
@@ -180,7 +182,7 @@ class BlobEntry:
         )
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview, offset: int) -> BlobEntry:
+    def unpack(cls, data: Buffer, offset: int) -> BlobEntry:
         """Parse one entry at *offset*."""
         f = _BLOB_ENTRY.unpack_from(data, offset)
         return cls(*f[:17])
@@ -212,7 +214,7 @@ class ChunkInfo:
         )
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview, offset: int) -> ChunkInfo:
+    def unpack(cls, data: Buffer, offset: int) -> ChunkInfo:
         """Parse one entry at *offset*."""
         return cls(*_CHUNK_INFO.unpack_from(data, offset))
 

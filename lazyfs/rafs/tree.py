@@ -81,9 +81,9 @@ class Inode:
     entries: dict[bytes, Inode] | None = None
 
     @classmethod
-    def directory(cls, mode: int = 0o755, **attrs: int) -> Inode:
+    def directory(cls, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: int = 0) -> Inode:
         """A new empty directory inode."""
-        return cls(mode=stat.S_IFDIR | (mode & 0o7777), entries={}, **attrs)
+        return cls(mode=stat.S_IFDIR | (mode & 0o7777), uid=uid, gid=gid, mtime=mtime, entries={})
 
     @property
     def is_dir(self) -> bool:
