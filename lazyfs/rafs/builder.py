@@ -1,0 +1,79 @@
+"""``lazyfs build``: turn a directory or a layer tar into a bootstrap plus a data blob."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs.chunks.codec import Compressor
+from lazyfs.chunks.digest import Digester
+from lazyfs.rafs.blob import BlobWriter
+from lazyfs.rafs.dirsource import build_tree_from_dir
+from lazyfs.rafs.tarsource import build_tree_from_tar
+from lazyfs.rafs.tree import DEFAULT_CHUNK_SIZE, BlobInfo, Tree
+from lazyfs.rafs.writer import write_bootstrap
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Settings of one build, with nydus-image's defaults."""
+
+    compressor: Compressor = Compressor.ZSTD
+    digester: Digester = Digester.BLAKE3
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    prefetch: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build produced."""
+
+    tree: Tree
+    bootstrap: bytes
+    blob: BlobInfo | None  # None when the source has no file data
+    blob_path: Path | None
+
+
+def build_layer(source: str | os.PathLike[str], blob_dir: str | os.PathLike[str],
+                options: BuildOptions = BuildOptions()) -> BuildResult:
+    """Build *source* (a directory or a tar file) into ``blob_dir/<blob_id>`` and a bootstrap.
+
+    The blob is written to a temporary file and renamed to its id (its sha256) only when complete.
+    """
+    blob_dir = Path(blob_dir)
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".building-", dir=blob_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            writer = BlobWriter(out, compressor=options.compressor, digester=options.digester,
+                                chunk_size=options.chunk_size)
+            if os.path.isdir(source):
+                tree = build_tree_from_dir(source, writer)
+            else:
+                with open(source, "rb") as src:
+                    tree = build_tree_from_tar(src, writer)
+            info = writer.finish()
+        return _finish(tree, info, Path(tmp), blob_dir, options.prefetch)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _finish(tree: Tree, info: BlobInfo, tmp: Path, blob_dir: Path, prefetch: Iterable[bytes]) -> BuildResult:
+    tree.prefetch = list(prefetch)
+    if info.chunk_count == 0:
+        return BuildResult(tree, write_bootstrap(tree), None, None)
+    tree.blobs = [info]
+    bootstrap = write_bootstrap(tree)
+    path = blob_dir / info.blob_id
+    os.replace(tmp, path)
+    return BuildResult(tree, bootstrap, info, path)
+
+
+def read_prefetch_list(path: str | os.PathLike[str]) -> tuple[bytes, ...]:
+    """Absolute paths, one per line (blank lines and ``#`` comments ignored)."""
+    lines = Path(path).read_bytes().splitlines()
+    return tuple(b"/" + line.strip().lstrip(b"/") for line in lines if line.strip() and not line.startswith(b"#"))
