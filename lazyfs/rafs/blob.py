@@ -120,6 +120,7 @@ class BlobWriter:
         self._chunks: list[ChunkRef] = []
         self._by_digest: dict[bytes, ChunkRef] = {}
         self._uncompressed_end = 0
+        self._zero_chunks: dict[int, ChunkRef] = {}
 
     def add_chunk(self, data: bytes) -> ChunkRef:
         """Store one chunk (or reuse an identical one) and return where it lives."""
@@ -139,6 +140,13 @@ class BlobWriter:
         self._uncompressed_end += layout.align(len(data), BLOCK_SIZE)
         self._chunks.append(ref)
         self._by_digest[key] = ref
+        return ref
+
+    def add_zero_chunk(self, size: int) -> ChunkRef:
+        """A chunk of *size* zero bytes (a hole of a sparse file), hashed once per size."""
+        ref = self._zero_chunks.get(size)
+        if ref is None:
+            ref = self._zero_chunks[size] = self.add_chunk(bytes(size))
         return ref
 
     def add_file(self, src: BinaryIO, size: int) -> list[ChunkRef]:

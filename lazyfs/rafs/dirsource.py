@@ -30,7 +30,7 @@ def _file_chunks(path: bytes, size: int, writer: BlobWriter) -> list[ChunkRef]:
         for offset in range(0, size, writer.chunk_size):
             length = min(writer.chunk_size, size - offset)
             if _is_hole(f, offset, length):
-                refs.append(writer.add_chunk(bytes(length)))
+                refs.append(writer.add_zero_chunk(length))
             else:
                 f.seek(offset)
                 refs.extend(writer.add_file(f, length))

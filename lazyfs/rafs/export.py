@@ -57,9 +57,15 @@ def export_blob_data(tree: Tree, blob_dir: str | os.PathLike[str], out_dir: str 
 
 
 def file_contents(node: Inode, blobs: list[BlobInfo], files: list[BinaryIO]) -> Iterator[bytes]:
-    """The verified data of a regular file, chunk by chunk, from open blob files."""
+    """The verified data of a regular file, chunk by chunk, from open blob files.
+
+    A chunk repeated back to back (the holes of a sparse file) is read and verified once.
+    """
+    last: tuple[ChunkRef, bytes] | None = None
     for ref in node.chunks:
-        yield read_chunk(files[ref.blob_index], blobs[ref.blob_index], ref)
+        if last is None or last[0] != ref:
+            last = (ref, read_chunk(files[ref.blob_index], blobs[ref.blob_index], ref))
+        yield last[1]
 
 
 def unpack_tree(tree: Tree, blob_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
