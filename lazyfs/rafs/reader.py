@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from lazyfs.chunks.codec import Compressor
 from lazyfs.chunks.digest import Digester
-from lazyfs.errors import FormatError
+from lazyfs.errors import FormatError, UnsafeEntryError
 from lazyfs.rafs import layout as L
 from lazyfs.rafs.tree import BLOCK_SIZE, BlobInfo, ChunkRef, Inode, TocInfo, Tree, check_name
 
@@ -362,7 +362,7 @@ class Bootstrap:
             for name, child_nid, _ in self.readdir(self.inode(nid)):
                 if name in (b".", b".."):
                     continue
-                check_name(name)
+                self._check_name(nid, name)
                 entries = parent.children()
                 if name in entries:
                     raise self._fail(f"directory {nid} lists {name!r} twice")
@@ -380,6 +380,12 @@ class Bootstrap:
                     stack.append(child_nid)
         tree.prefetch = [paths[n] for n in self.prefetch_nids() if n in paths]
         return tree
+
+    def _check_name(self, nid: int, name: bytes) -> None:
+        try:
+            check_name(name)
+        except UnsafeEntryError as exc:
+            raise self._fail(f"directory {nid}: {exc}") from None
 
     def _load_inode(self, ino: InodeInfo) -> Inode:
         node = Inode(mode=ino.mode, uid=ino.uid, gid=ino.gid, mtime=ino.mtime, mtime_nsec=ino.mtime_nsec,

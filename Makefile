@@ -1,0 +1,43 @@
+# lazyfs: `make demo` sets up this machine and runs the main job; `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ROOTFS ?= /var/cache/lazyfs/rootfs-bookworm
+
+.PHONY: all deps venv rootfs test lint typecheck demo bench clean
+
+all: test
+
+deps:
+	@scripts/install-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@$(PY) -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check lazyfs tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+rootfs: deps
+	@scripts/debian-rootfs.sh $(ROOTFS)
+
+test: deps venv rootfs lint typecheck
+	LAZYFS_TEST_ROOTFS=$(ROOTFS) $(VENV)/bin/pytest -q -p no:cacheprovider
+
+demo: deps venv
+	@scripts/demo.sh
+
+bench: deps venv rootfs
+	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) bench/convert.py
+	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) bench/metadata.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache
