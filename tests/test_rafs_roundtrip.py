@@ -138,3 +138,15 @@ def test_random_trees_round_trip(tmp_path: Path, spec: dict[bytes, object], chun
     boot, blobs = _build(Path(os.fsdecode(src)), work, BuildOptions(chunk_size=1 << chunk_shift))
     unpack_tree(Bootstrap.open(boot).to_tree(), blobs, work / "out")
     assert diff(snapshot(src), snapshot(work / "out")) == []
+
+
+def test_lookup_agrees_with_readdir_in_big_directory(small_tree: Path, tmp_path: Path) -> None:
+    boot_path, _ = _build(small_tree, tmp_path)
+    boot = Bootstrap.open(boot_path)
+    many = boot.inode(boot.lookup(boot.inode(boot.root_nid), b"many") or -1)
+    entries = list(boot.readdir(many))
+    assert len(entries) == 302 and many.size > 4096  # several dirent blocks
+    for name, nid, _ in entries:
+        assert boot.lookup(many, name) == nid
+    for missing in (b"", b"-", b"entry-", b"entry-000299x", b"zzz"):
+        assert boot.lookup(many, missing) is None

@@ -246,17 +246,31 @@ class Bootstrap:
 
     # -- directories ----------------------------------------------------------------------------
 
-    def _dir_blocks(self, ino: InodeInfo) -> list[list[tuple[bytes, int, int]]]:
+    def _dir_block(self, ino: InodeInfo, index: int) -> list[tuple[bytes, int, int]]:
+        """Parse dirent block *index* of directory *ino* (the last one may be short)."""
+        start = index * BLOCK_SIZE
+        length = min(BLOCK_SIZE, ino.size - start)
+        if ino.layout == L.LAYOUT_FLAT_INLINE and start + length == ino.size and ino.size % BLOCK_SIZE:
+            inline = self._inline_offset(ino)
+            if inline % BLOCK_SIZE + length > BLOCK_SIZE:
+                raise self._fail(f"inode {ino.nid}: inline tail crosses a block boundary")
+            block = self._bytes(inline, length, f"inline dirents of inode {ino.nid}")
+        else:
+            block = self._bytes(ino.i_u * BLOCK_SIZE + start, length, f"dirents of inode {ino.nid}")
+        return self._parse_dir_block(ino, block)
+
+    def _dir_block_count(self, ino: InodeInfo) -> int:
         if not ino.is_dir:
             raise self._fail(f"inode {ino.nid} is not a directory")
-        data = self.flat_data(ino)
-        return [self._parse_dir_block(ino, data[i : i + BLOCK_SIZE]) for i in range(0, len(data), BLOCK_SIZE)]
+        if ino.layout not in (L.LAYOUT_FLAT_PLAIN, L.LAYOUT_FLAT_INLINE) or ino.size > MAX_DIR_SIZE:
+            raise self._fail(f"directory {ino.nid} has an invalid layout or size")
+        return -(-ino.size // BLOCK_SIZE)
 
     def _parse_dir_block(self, ino: InodeInfo, block: bytes) -> list[tuple[bytes, int, int]]:
         if len(block) < L.DIRENT_SIZE:
             raise self._fail(f"directory {ino.nid} has a truncated dirent block")
         first = L.DIRENT.unpack_from(block, 0)[1]
-        if first % L.DIRENT_SIZE or not L.DIRENT_SIZE <= first <= len(block):
+        if first % L.DIRENT_SIZE or not L.DIRENT_SIZE <= first < len(block):
             raise self._fail(f"directory {ino.nid}: bad first name offset {first}")
         count = first // L.DIRENT_SIZE
         ents = [L.DIRENT.unpack_from(block, i * L.DIRENT_SIZE) for i in range(count)]
@@ -273,19 +287,23 @@ class Bootstrap:
 
     def readdir(self, ino: InodeInfo) -> Iterator[tuple[bytes, int, int]]:
         """``(name, nid, file type)`` for every entry, ``.`` and ``..`` included, in on-disk order."""
-        for block in self._dir_blocks(ino):
-            yield from block
+        for index in range(self._dir_block_count(ino)):
+            yield from self._dir_block(ino, index)
 
     def lookup(self, ino: InodeInfo, name: bytes) -> int | None:
-        """The nid of *name* in directory *ino*, by binary search over sorted dirents."""
-        blocks = self._dir_blocks(ino)
-        firsts = [b[0][0] for b in blocks]
-        i = bisect.bisect_right(firsts, name) - 1
-        if i < 0:
-            return None
-        names = [e[0] for e in blocks[i]]
+        """The nid of *name* in directory *ino*: binary search over blocks, then within one block."""
+        lo, hi = 0, self._dir_block_count(ino) - 1
+        found: list[tuple[bytes, int, int]] = []
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            block = self._dir_block(ino, mid)
+            if name < block[0][0]:
+                hi = mid - 1
+            else:
+                found, lo = block, mid + 1
+        names = [e[0] for e in found]
         j = bisect.bisect_left(names, name)
-        return blocks[i][j][1] if j < len(names) and names[j] == name else None
+        return found[j][1] if j < len(names) and names[j] == name else None
 
     # -- chunks ---------------------------------------------------------------------------------
 
