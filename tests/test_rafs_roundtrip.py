@@ -150,3 +150,24 @@ def test_lookup_agrees_with_readdir_in_big_directory(small_tree: Path, tmp_path:
         assert boot.lookup(many, name) == nid
     for missing in (b"", b"-", b"entry-", b"entry-000299x", b"zzz"):
         assert boot.lookup(many, missing) is None
+
+
+@pytest.fixture(scope="module")
+def debian_rootfs() -> Path:
+    """A debootstrap'd Debian root (made by `make rootfs`; its path in LAZYFS_TEST_ROOTFS)."""
+    path = Path(os.environ.get("LAZYFS_TEST_ROOTFS", "/var/cache/lazyfs/rootfs-bookworm"))
+    if not (path / "usr" / "bin" / "python3").exists():
+        pytest.skip(f"no Debian rootfs at {path}: run `make rootfs`")
+    return path
+
+
+def test_debian_rootfs_round_trip_and_kernel_mount(debian_rootfs: Path, tmp_path: Path) -> None:
+    boot, blobs = _build(debian_rootfs, tmp_path)
+    tree = Bootstrap.open(boot).to_tree()
+    unpack_tree(tree, blobs, tmp_path / "out")
+    source = snapshot(debian_rootfs)
+    assert len(source) > 5000
+    assert diff(source, snapshot(tmp_path / "out")) == []
+    devices = export_blob_data(tree, blobs, tmp_path / "export")
+    with erofs_mount(boot, devices, tmp_path / "mnt") as mnt:
+        assert diff(source, snapshot(mnt)) == []
