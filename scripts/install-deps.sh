@@ -5,7 +5,7 @@ packages=(
   fuse3 libfuse3-dev pkg-config      # FUSE mounts (pyfuse3 builds against libfuse3)
   docker-registry skopeo umoci       # local origin registry and OCI image tools for tests
   busybox-static debootstrap         # test images
-  erofs-utils                        # fsck.erofs / dump.erofs as independent readers
+  erofs-utils zstd                   # independent EROFS reader; zstd CLI for the conversion baseline
   iproute2 util-linux attr           # namespaces, loop devices, xattr tools
   containerd runc                    # container runtime integration
 )

@@ -8,10 +8,10 @@ bootstrap yields :class:`~lazyfs.errors.FormatError`, never a crash or a hang.
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,6 +26,8 @@ from lazyfs.rafs.tree import BLOCK_SIZE, BlobInfo, ChunkRef, Inode, TocInfo, Tre
 _T = TypeVar("_T")
 V5_MAGIC = 0x52414653
 MAX_DIR_SIZE = 1 << 31
+INODE_CACHE_SIZE = 1 << 16
+DIR_CACHE_SIZE = 1024
 _FLAG_COMPRESSORS = {
     L.FLAG_COMPRESSION_NONE: Compressor.NONE, L.FLAG_COMPRESSION_LZ4: Compressor.LZ4_BLOCK,
     L.FLAG_COMPRESSION_GZIP: Compressor.GZIP, L.FLAG_COMPRESSION_ZSTD: Compressor.ZSTD,
@@ -92,6 +94,8 @@ class Bootstrap:
         self.digester = self._one_flag(_FLAG_DIGESTERS, "digest")
         self.meta_base = self.sb.meta_blkaddr * BLOCK_SIZE
         self.blobs = self._read_blobs()
+        self._inodes: dict[int, InodeInfo] = {}
+        self._dirs: OrderedDict[int, dict[bytes, int]] = OrderedDict()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Bootstrap:
@@ -178,7 +182,15 @@ class Bootstrap:
         return self.meta_base + nid * L.INODE_SLOT
 
     def inode(self, nid: int) -> InodeInfo:
-        """Decode inode *nid*."""
+        """Inode *nid*, decoded once and then cached."""
+        info = self._inodes.get(nid)
+        if info is None:
+            if len(self._inodes) >= INODE_CACHE_SIZE:
+                self._inodes.clear()
+            info = self._inodes[nid] = self._decode_inode(nid)
+        return info
+
+    def _decode_inode(self, nid: int) -> InodeInfo:
         off = self.inode_offset(nid)
         head = self._bytes(off, L.COMPACT_INODE_SIZE, f"inode {nid}")
         fmt = int.from_bytes(head[0:2], "little")
@@ -291,19 +303,16 @@ class Bootstrap:
             yield from self._dir_block(ino, index)
 
     def lookup(self, ino: InodeInfo, name: bytes) -> int | None:
-        """The nid of *name* in directory *ino*: binary search over blocks, then within one block."""
-        lo, hi = 0, self._dir_block_count(ino) - 1
-        found: list[tuple[bytes, int, int]] = []
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            block = self._dir_block(ino, mid)
-            if name < block[0][0]:
-                hi = mid - 1
-            else:
-                found, lo = block, mid + 1
-        names = [e[0] for e in found]
-        j = bisect.bisect_left(names, name)
-        return found[j][1] if j < len(names) and names[j] == name else None
+        """The nid of *name* in directory *ino* (directories are indexed once, LRU-cached)."""
+        index = self._dirs.get(ino.nid)
+        if index is None:
+            index = {entry_name: nid for entry_name, nid, _ in self.readdir(ino)}
+            self._dirs[ino.nid] = index
+            if len(self._dirs) > DIR_CACHE_SIZE:
+                self._dirs.popitem(last=False)
+        else:
+            self._dirs.move_to_end(ino.nid)
+        return index.get(name)
 
     # -- chunks ---------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""OCI / Docker registry client: references, auth, manifests, blob transfer and layer streams."""
