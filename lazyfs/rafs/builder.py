@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from lazyfs.chunks.codec import Compressor
 from lazyfs.chunks.digest import Digester
@@ -38,11 +39,23 @@ class BuildResult:
 
 
 def build_layer(source: str | os.PathLike[str], blob_dir: str | os.PathLike[str],
-                options: BuildOptions = BuildOptions()) -> BuildResult:
-    """Build *source* (a directory or a tar file) into ``blob_dir/<blob_id>`` and a bootstrap.
+                options: BuildOptions | None = None) -> BuildResult:
+    """Build *source* (a directory or an uncompressed tar file) into ``blob_dir/<blob_id>`` and a bootstrap."""
+    if os.path.isdir(source):
+        return _build(lambda writer: build_tree_from_dir(source, writer), blob_dir, options or BuildOptions())
+    with open(source, "rb") as stream:
+        return build_from_tar_stream(stream, blob_dir, options)
 
-    The blob is written to a temporary file and renamed to its id (its sha256) only when complete.
-    """
+
+def build_from_tar_stream(stream: IO[bytes], blob_dir: str | os.PathLike[str],
+                          options: BuildOptions | None = None) -> BuildResult:
+    """Build a layer from a tar read sequentially from *stream* (memory stays bounded)."""
+    return _build(lambda writer: build_tree_from_tar(stream, writer), blob_dir, options or BuildOptions())
+
+
+def _build(source: Callable[[BlobWriter], Tree], blob_dir: str | os.PathLike[str],
+           options: BuildOptions) -> BuildResult:
+    """Run *source* against a blob written to a temporary file, renamed to its id only when complete."""
     blob_dir = Path(blob_dir)
     blob_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".building-", dir=blob_dir)
@@ -50,11 +63,7 @@ def build_layer(source: str | os.PathLike[str], blob_dir: str | os.PathLike[str]
         with os.fdopen(fd, "wb") as out:
             writer = BlobWriter(out, compressor=options.compressor, digester=options.digester,
                                 chunk_size=options.chunk_size)
-            if os.path.isdir(source):
-                tree = build_tree_from_dir(source, writer)
-            else:
-                with open(source, "rb") as src:
-                    tree = build_tree_from_tar(src, writer)
+            tree = source(writer)
             info = writer.finish()
         return _finish(tree, info, Path(tmp), blob_dir, options.prefetch)
     finally:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from typing_extensions import Buffer
 
+from lazyfs.chunks.codec import Compressor
+from lazyfs.chunks.digest import Digester
 from lazyfs.errors import FormatError
 
 EROFS_MAGIC = 0xE0F5E1E2
@@ -49,6 +51,24 @@ FLAG_COMPRESSION_GZIP = 0x40
 FLAG_COMPRESSION_ZSTD = 0x80
 FLAG_INLINED_CHUNK_DIGEST = 0x100
 FLAG_TARFS_MODE = 0x200
+
+COMPRESSION_FLAGS = {
+    Compressor.NONE: FLAG_COMPRESSION_NONE, Compressor.LZ4_BLOCK: FLAG_COMPRESSION_LZ4,
+    Compressor.GZIP: FLAG_COMPRESSION_GZIP, Compressor.ZSTD: FLAG_COMPRESSION_ZSTD,
+}
+DIGEST_FLAGS = {Digester.BLAKE3: FLAG_HASH_BLAKE3, Digester.SHA256: FLAG_HASH_SHA256}
+
+
+def algorithms_from_flags(flags: int) -> tuple[Compressor, Digester]:
+    """The compressor and digester named by RafsSuperFlags; exactly one of each must be set."""
+    compressors = [c for c, bit in COMPRESSION_FLAGS.items() if flags & bit]
+    digesters = [d for d, bit in DIGEST_FLAGS.items() if flags & bit]
+    if len(compressors) != 1:
+        raise FormatError(f"superblock flags {flags:#x} must name exactly one compression algorithm")
+    if len(digesters) != 1:
+        raise FormatError(f"superblock flags {flags:#x} must name exactly one digest algorithm")
+    return compressors[0], digesters[0]
+
 
 # BlobFeatures
 BLOB_ALIGNED = 0x1

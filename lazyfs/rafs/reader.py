@@ -15,7 +15,6 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TypeVar
 
 from lazyfs.chunks.codec import Compressor
 from lazyfs.chunks.digest import Digester
@@ -23,16 +22,10 @@ from lazyfs.errors import FormatError, UnsafeEntryError
 from lazyfs.rafs import layout as L
 from lazyfs.rafs.tree import BLOCK_SIZE, BlobInfo, ChunkRef, Inode, TocInfo, Tree, check_name
 
-_T = TypeVar("_T")
 V5_MAGIC = 0x52414653
 MAX_DIR_SIZE = 1 << 31
 INODE_CACHE_SIZE = 1 << 16
 DIR_CACHE_SIZE = 1024
-_FLAG_COMPRESSORS = {
-    L.FLAG_COMPRESSION_NONE: Compressor.NONE, L.FLAG_COMPRESSION_LZ4: Compressor.LZ4_BLOCK,
-    L.FLAG_COMPRESSION_GZIP: Compressor.GZIP, L.FLAG_COMPRESSION_ZSTD: Compressor.ZSTD,
-}
-_FLAG_DIGESTERS = {L.FLAG_HASH_BLAKE3: Digester.BLAKE3, L.FLAG_HASH_SHA256: Digester.SHA256}
 
 
 def decode_rdev(value: int) -> int:
@@ -90,8 +83,10 @@ class Bootstrap:
             raise FormatError(f"{name}: RAFS v5 bootstrap; use lazyfs.rafs.v5 to read it")
         self.sb = L.SuperBlock.unpack(bytes(data[: L.DEVSLOT_OFFSET]))
         self._validate_super()
-        self.compressor = self._one_flag(_FLAG_COMPRESSORS, "compression")
-        self.digester = self._one_flag(_FLAG_DIGESTERS, "digest")
+        try:
+            self.compressor, self.digester = L.algorithms_from_flags(self.sb.flags)
+        except FormatError as exc:
+            raise self._fail(str(exc)) from None
         self.meta_base = self.sb.meta_blkaddr * BLOCK_SIZE
         self.blobs = self._read_blobs()
         self._inodes: dict[int, InodeInfo] = {}
@@ -139,12 +134,6 @@ class Bootstrap:
     def _check_range(self, offset: int, length: int, what: str) -> None:
         if length and (offset < 0 or offset + length > len(self.buf)):
             raise self._fail(f"{what} [{offset}, +{length}) outside the {len(self.buf)}-byte bootstrap")
-
-    def _one_flag(self, table: dict[int, _T], what: str) -> _T:
-        found = [algo for bit, algo in table.items() if self.sb.flags & bit]
-        if len(found) != 1:
-            raise self._fail(f"superblock flags {self.sb.flags:#x} must name exactly one {what} algorithm")
-        return found[0]
 
     def _read_blobs(self) -> list[BlobInfo]:
         blobs = []

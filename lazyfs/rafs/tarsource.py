@@ -14,7 +14,7 @@ import re
 import stat
 import tarfile
 from collections.abc import Iterator
-from typing import BinaryIO, Self, cast
+from typing import IO, BinaryIO, Self, cast
 from urllib.parse import unquote_to_bytes
 
 from lazyfs.errors import BuildError, UnsafeEntryError
@@ -58,7 +58,7 @@ class _StrictTarInfo(tarfile.TarInfo):
         return info
 
 
-def build_tree_from_tar(stream: BinaryIO, writer: BlobWriter) -> Tree:
+def build_tree_from_tar(stream: IO[bytes], writer: BlobWriter) -> Tree:
     """Read a layer tar from *stream*, store file data in *writer* and return the tree.
 
     ``tree.blobs`` is left empty: the caller appends the BlobInfo from ``writer.finish()``.
@@ -69,7 +69,7 @@ def build_tree_from_tar(stream: BinaryIO, writer: BlobWriter) -> Tree:
     return tree
 
 
-def _members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+def _members(stream: IO[bytes]) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
     """The archive and each member in turn; malformed headers raise BuildError."""
     try:
         with tarfile.open(

@@ -28,7 +28,7 @@ class ChunkRef:
     digest: bytes  # digest of the uncompressed data
     compressed_offset: int
     compressed_size: int
-    uncompressed_offset: int  # 4 KiB aligned
+    uncompressed_offset: int  # 4 KiB aligned in v6 (v5 blobs are unaligned)
     uncompressed_size: int
 
     @property

@@ -18,13 +18,6 @@ from lazyfs.errors import BuildError
 from lazyfs.rafs import layout as L
 from lazyfs.rafs.tree import BLOCK_SIZE, BlobInfo, Inode, Tree
 
-_COMPRESSION_FLAGS = {
-    Compressor.NONE: L.FLAG_COMPRESSION_NONE,
-    Compressor.LZ4_BLOCK: L.FLAG_COMPRESSION_LZ4,
-    Compressor.GZIP: L.FLAG_COMPRESSION_GZIP,
-    Compressor.ZSTD: L.FLAG_COMPRESSION_ZSTD,
-}
-_DIGEST_FLAGS = {Digester.BLAKE3: L.FLAG_HASH_BLAKE3, Digester.SHA256: L.FLAG_HASH_SHA256}
 _DATA_TYPES = (stat.S_IFDIR, stat.S_IFLNK)
 ROOT_OFFSET = BLOCK_SIZE  # root inode sits one block into the meta area: nid 128
 MAX_BLOBS = 254
@@ -286,7 +279,7 @@ def _prefetch_nids(tree: Tree, planner: _Planner) -> list[int]:
 def _super_flags(tree: Tree, has_xattr: bool) -> int:
     compressor = tree.blobs[0].compressor if tree.blobs else Compressor.ZSTD
     digester = tree.blobs[0].digester if tree.blobs else Digester.BLAKE3
-    flags = _COMPRESSION_FLAGS[compressor] | _DIGEST_FLAGS[digester] | L.FLAG_EXPLICIT_UID_GID
+    flags = L.COMPRESSION_FLAGS[compressor] | L.DIGEST_FLAGS[digester] | L.FLAG_EXPLICIT_UID_GID
     if has_xattr:
         flags |= L.FLAG_HAS_XATTR
     if tree.blobs and all(b.features & L.BLOB_INLINED_CHUNK_DIGEST for b in tree.blobs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import zstandard
 
@@ -14,7 +14,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZSTD = zstandard.ZstdDecompressor()
 
-LayerStream = IO[bytes] | gzip.GzipFile
+LayerStream = IO[bytes]
 """A readable binary stream of tar data; read it sequentially, e.g. ``tarfile.open(fileobj=s, mode="r|")``."""
 
 
@@ -37,7 +37,7 @@ def open_layer_tar(path: Path, media_type: str) -> LayerStream:
         magic = probe.read(len(_ZSTD_MAGIC))
     if compression == "gzip":
         _expect_magic(magic, _GZIP_MAGIC, path, compression)
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))
     if compression == "zstd":
         _expect_magic(magic, _ZSTD_MAGIC, path, compression)
         return _ZSTD.stream_reader(path.open("rb"), read_across_frames=True, closefd=True)

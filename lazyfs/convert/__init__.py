@@ -1,0 +1,1 @@
+"""Conversion of OCI/Docker images into Nydus images (nydusify's job)."""
