@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
 
 from lazyfs.chunks.codec import Compressor
 from lazyfs.chunks.digest import Digester
 from lazyfs.errors import LazyfsError
+from lazyfs.progress import Progress
 from lazyfs.rafs.tree import Tree
+
+if TYPE_CHECKING:
+    from lazyfs.registry.client import RegistryClient
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -67,7 +76,11 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     """Materialise the tree of a bootstrap into a directory."""
     from lazyfs.rafs.export import unpack_tree
 
-    unpack_tree(_open_tree(args), args.blob_dir, args.dest)
+    if args.blob_dir:
+        unpack_tree(_open_tree(args), args.blob_dir, args.dest)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="lazyfs-unpack-") as tmp:
+        unpack_tree(_open_tree(args, Path(tmp)), tmp, args.dest)
     return 0
 
 
@@ -81,10 +94,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_tree(args: argparse.Namespace) -> Tree:
+def _open_tree(args: argparse.Namespace, blob_dir: Path | None = None) -> Tree:
+    """The tree of a local bootstrap, or of a Nydus image in a registry (blobs into *blob_dir*)."""
     from lazyfs.rafs.loader import load_tree
 
-    return load_tree(args.bootstrap)
+    if os.path.exists(args.bootstrap):
+        return load_tree(args.bootstrap)
+    return trio.run(_open_remote_tree, args, blob_dir)
+
+
+async def _open_remote_tree(args: argparse.Namespace, blob_dir: Path | None) -> Tree:
+    from lazyfs.convert.remote import fetch_blobs, fetch_bootstrap, fetch_nydus_manifest
+    from lazyfs.rafs.reader import Bootstrap
+
+    async with _client(args, args.bootstrap) as client:
+        manifest = await fetch_nydus_manifest(client, args.bootstrap, args.platform)
+        tree = Bootstrap(await fetch_bootstrap(client, args.bootstrap, manifest), args.bootstrap).to_tree()
+        if blob_dir is not None:
+            await fetch_blobs(client, args.bootstrap, manifest, blob_dir, Progress())
+    return tree
+
+
+def _client(args: argparse.Namespace, ref: str) -> RegistryClient:
+    from lazyfs.registry.auth import Credentials
+    from lazyfs.registry.client import RegistryClient
+    from lazyfs.registry.reference import ImageReference
+
+    creds = Credentials(args.username, args.password) if args.username else None
+    return RegistryClient(ImageReference.parse(ref).registry, credentials=creds, plain_http=args.plain_http)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert an OCI/Docker image in a registry into a Nydus image in a registry."""
+    return trio.run(_convert, args)
+
+
+async def _convert(args: argparse.Namespace) -> int:
+    from lazyfs.convert.converter import convert_image
+    from lazyfs.rafs.builder import BuildOptions
+
+    options = BuildOptions(Compressor.parse(args.compressor), Digester.parse(args.digester), args.chunk_size)
+    async with _client(args, args.source) as src, _client(args, args.target) as dst:
+        result = await convert_image(src, dst, args.source, args.target, platform=args.platform, options=options,
+                                     progress=Progress(), work_dir=args.work_dir)
+    print(f"{result.reference}@{result.manifest_digest}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="directory or (uncompressed) layer tar file")
     p.add_argument("--bootstrap", required=True, help="where to write the bootstrap")
     p.add_argument("--blob-dir", required=True, help="directory that receives the blob, named by its sha256")
-    p.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"])
-    p.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
-    p.add_argument("--chunk-size", type=_chunk_size, default=0x100000, help="bytes per chunk (default 1 MiB)")
+    _build_options(p)
     p.add_argument("--prefetch-list", help="file with one path per line to put in the prefetch table")
 
     p = add("merge", cmd_merge, "Merge per-layer bootstraps (lowest layer first) into one bootstrap.")
@@ -112,19 +164,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blob-digests", help="comma-separated blob ids to use for each layer's blob")
 
     p = add("inspect", cmd_inspect, "Show what a bootstrap holds: tree, sizes, blobs, chunk counts.")
-    p.add_argument("bootstrap", help="bootstrap, bootstrap layer tar(.gz), or blob with an inlined bootstrap")
+    p.add_argument("bootstrap", help="bootstrap, bootstrap layer tar(.gz), blob with an inlined bootstrap, "
+                   "or a Nydus image reference in a registry")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _registry_options(p)
 
-    p = add("unpack", cmd_unpack, "Materialise a bootstrap's tree (data from local blobs) into DEST.")
-    p.add_argument("bootstrap")
-    p.add_argument("--blob-dir", required=True)
+    p = add("unpack", cmd_unpack, "Materialise the tree of a bootstrap or of a Nydus image reference into DEST.")
+    p.add_argument("bootstrap", help="bootstrap file, or a Nydus image reference in a registry")
+    p.add_argument("--blob-dir", help="local blobs (required for a bootstrap file; pulled for an image)")
     p.add_argument("dest")
+    _registry_options(p)
 
     p = add("export", cmd_export, "Write <blob_id>.blob.data files usable as kernel EROFS devices.")
     p.add_argument("bootstrap")
     p.add_argument("--blob-dir", required=True)
     p.add_argument("--out", required=True, help="output directory")
+
+    p = add("convert", cmd_convert, "Convert an OCI/Docker image in a registry into a Nydus image (nydusify).")
+    p.add_argument("source", metavar="SRC_REF", help="image to convert, e.g. 127.0.0.1:5000/app:1")
+    p.add_argument("target", metavar="DST_REF", help="where to push the Nydus image")
+    _build_options(p)
+    _registry_options(p)
+    p.add_argument("--work-dir", help="directory for temporary layer files (default: system temp)")
     return parser
+
+
+def _build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"])
+    p.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
+    p.add_argument("--chunk-size", type=_chunk_size, default=0x100000, help="bytes per chunk (default 1 MiB)")
+
+
+def _registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
+    p.add_argument("--platform", default="linux/amd64", help="platform to pick from an index (os/arch[/variant])")
+    p.add_argument("--username", help="registry user (default: credentials from ~/.docker/config.json)")
+    p.add_argument("--password", default=os.environ.get("LAZYFS_REGISTRY_PASSWORD"),
+                   help="registry password (or LAZYFS_REGISTRY_PASSWORD)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

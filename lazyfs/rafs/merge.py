@@ -93,7 +93,8 @@ class _Layer:
         while stack:
             low, up = stack.pop()
             self._visit(up)
-            _take_attrs(low, up)
+            if not up.implicit:  # a layer's unlisted parent directory keeps the lower attributes
+                _take_attrs(low, up)
             entries = low.children()
             if _is_opaque(up):
                 entries.clear()
@@ -162,9 +163,8 @@ def _clean_xattrs(node: Inode) -> dict[bytes, bytes]:
 
 
 def _take_attrs(dst: Inode, src: Inode) -> None:
-    """Give result directory *dst* the attributes of upper directory *src*."""
-    dst.mode = src.mode
-    dst.uid, dst.gid, dst.mtime, dst.mtime_nsec = src.uid, src.gid, src.mtime, src.mtime_nsec
+    """Give result directory *dst* the attributes of upper directory *src*, minus opaque markers."""
+    dst.take_attrs(src)
     dst.xattrs = _clean_xattrs(src)
 
 

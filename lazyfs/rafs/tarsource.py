@@ -64,6 +64,7 @@ def build_tree_from_tar(stream: IO[bytes], writer: BlobWriter) -> Tree:
     ``tree.blobs`` is left empty: the caller appends the BlobInfo from ``writer.finish()``.
     """
     tree = Tree(chunk_size=writer.chunk_size)
+    tree.root.implicit = True
     for tf, info in _members(stream):
         _add_member(tree, tf, info, writer)
     return tree
@@ -91,13 +92,13 @@ def _add_member(tree: Tree, tf: tarfile.TarFile, info: tarfile.TarInfo, writer: 
     if not parts:
         if not info.isdir():
             raise BuildError(f"tar entry {path!r} names the root but is not a directory")
-        _take_attrs(tree.root, _make_inode(tree, tf, info, writer, path))
+        tree.root.take_attrs(_make_inode(tree, tf, info, writer, path))
         return
     parent = _parent_dir(tree, parts, path)
     node = _make_inode(tree, tf, info, writer, path)
     old = parent.children().get(parts[-1])
     if old is not None and old.is_dir and node.is_dir:
-        _take_attrs(old, node)
+        old.take_attrs(node)
     else:
         parent.children()[parts[-1]] = node
 
@@ -120,6 +121,7 @@ def _parent_dir(tree: Tree, parts: list[bytes], path: bytes) -> Inode:
         child = entries.get(part)
         if child is None:
             child = entries[part] = Inode.directory()
+            child.implicit = True
         elif stat.S_ISLNK(child.mode):
             where = b"/".join(parts[:depth])
             raise UnsafeEntryError(f"tar entry {path!r} goes through symlink {where!r}")
@@ -128,12 +130,6 @@ def _parent_dir(tree: Tree, parts: list[bytes], path: bytes) -> Inode:
             raise BuildError(f"tar entry {path!r}: parent {where!r} is not a directory")
         node = child
     return node
-
-
-def _take_attrs(dst: Inode, src: Inode) -> None:
-    """Give directory *dst* the attributes of *src*, keeping its entries."""
-    dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
-    dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, src.xattrs
 
 
 def _make_inode(

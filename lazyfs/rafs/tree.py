@@ -79,6 +79,7 @@ class Inode:
     target: bytes = b""  # symlink target
     chunks: list[ChunkRef] = field(default_factory=list)
     entries: dict[bytes, Inode] | None = None
+    implicit: bool = False  # a directory the source never described (a layer tar's missing parent)
 
     @classmethod
     def directory(cls, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: int = 0) -> Inode:
@@ -89,6 +90,12 @@ class Inode:
     def is_dir(self) -> bool:
         """Whether this is a directory."""
         return self.entries is not None
+
+    def take_attrs(self, src: Inode) -> None:
+        """Give this directory the attributes of *src*, keeping its entries."""
+        self.mode, self.uid, self.gid = src.mode, src.uid, src.gid
+        self.mtime, self.mtime_nsec, self.xattrs = src.mtime, src.mtime_nsec, dict(src.xattrs)
+        self.implicit = src.implicit
 
     def children(self) -> dict[bytes, Inode]:
         """The directory's entries; raises for non-directories."""
