@@ -85,3 +85,21 @@ def test_kernel_reads_fixture_like_we_do(tmp_path: Path) -> None:
     unpack_tree(tree, NY / "blobs", tmp_path / "ours")
     with erofs_mount(V6_BOOT, devices, tmp_path / "mnt") as mnt:
         assert diff(snapshot(tmp_path / "ours"), snapshot(mnt)) == []
+
+
+def test_zran_blob_meta_ci_v2() -> None:
+    data = (NY / "zran" / "233c72f2b6b698c07021c4da367cfe2dff4f049efbaa885ca0ff760ea297865a.blob.meta").read_bytes()
+    header = blobmeta.MetaHeader.unpack(data[-blobmeta.HEADER_SIZE :])
+    assert header.ci_entries == 163 and header.ctx_count == 21
+    assert header.features & 0x4 and header.features & 0x8  # CHUNK_INFO_V2 | ZRAN
+    chunks = blobmeta.decode(data, header.ci_entries, v2=True)
+    assert all(c.flags & blobmeta.CI_V2_ZRAN for c in chunks)
+    offsets = [c.uncompressed_offset for c in chunks]
+    assert offsets == sorted(offsets) and all(o % 4096 == 0 for o in offsets)
+    assert all(c.data >> 32 < header.ctx_count for c in chunks)  # every chunk names a zran context
+
+
+def test_blob_meta_v1_round_trip() -> None:
+    meta = blobmeta.ChunkMeta(compressed_offset=(1 << 39) + 7, compressed_size=0xABCDE + 1,
+                              uncompressed_offset=0x123456000, uncompressed_size=0xFFFFFF + 1, compressed=True)
+    assert blobmeta.decode(blobmeta.encode_v1(meta), 1, v2=False) == [meta]
