@@ -36,8 +36,8 @@ demo: deps venv
 	@scripts/demo.sh
 
 bench: deps venv rootfs
-	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) bench/convert.py
-	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) bench/metadata.py
+	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.convert
+	$(PY) -m bench.metadata
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from bench.common import LAZYFS, run, rootfs, tree_bytes
+from bench.common import LAZYFS, rootfs, run, tree_bytes
 
 
 def make_layer_tar(path: Path, size: int) -> None:
