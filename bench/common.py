@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,21 @@ class Run:
 
 
 def run(cmd: list[str] | str, *, shell: bool = False) -> Run:
-    """Run *cmd* to completion, failing loudly, and measure it."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, shell=shell, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"benchmark step failed: {cmd}")
-    return Run(elapsed, usage.ru_maxrss / 1024)
+    """Run *cmd* to completion, failing loudly, and measure it.
+
+    Peak RSS comes from GNU time: a child forked straight from this (large) process would report
+    this process's RSS as its own high-water mark, since Linux carries it across exec.
+    """
+    argv = ["/bin/sh", "-c", cmd] if shell else cmd
+    assert isinstance(argv, list)
+    with tempfile.NamedTemporaryFile("r") as report:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", report.name, *argv], cwd=ROOT,
+                              stdout=subprocess.DEVNULL)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark step failed: {cmd}")
+        return Run(elapsed, int(report.read().split()[-1]) / 1024)
 
 
 def rootfs() -> Path:

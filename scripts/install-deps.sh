@@ -6,7 +6,7 @@ packages=(
   docker-registry skopeo umoci       # local origin registry and OCI image tools for tests
   busybox-static debootstrap         # test images
   erofs-utils zstd                   # independent EROFS reader; zstd CLI for the conversion baseline
-  iproute2 util-linux attr           # namespaces, loop devices, xattr tools
+  iproute2 util-linux attr time      # namespaces, loop devices, xattr tools, GNU time for benchmarks
   containerd runc                    # container runtime integration
 )
 missing=()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -247,7 +247,7 @@ class RegistryClient:
         size = len(data) if isinstance(data, bytes) else (await trio.Path(data).stat()).st_size
         body = b""
         if size > self._chunked_threshold:
-            location = await self._upload_chunks(location, data, what, scopes)
+            location = await self._upload_chunks(location, data, size, what, scopes)
         else:
             body = data if isinstance(data, bytes) else await trio.Path(data).read_bytes()
         url = location.copy_merge_params({"digest": digest})
@@ -258,22 +258,23 @@ class RegistryClient:
         return digest
 
     async def _upload_chunks(
-        self, location: httpx.URL, data: BlobSource, what: str, scopes: tuple[str, ...]
+        self, location: httpx.URL, data: BlobSource, size: int, what: str, scopes: tuple[str, ...]
     ) -> httpx.URL:
-        """PATCH the data in chunks with Content-Range; return the location for the closing PUT."""
-        offset = 0
-        async with aclosing(_chunks(data, self._chunk_size)) as chunks:
-            async for chunk in chunks:
-                end = offset + len(chunk) - 1
-                headers = {**_OCTET_STREAM, "Content-Range": f"{offset}-{end}"}
-                call = Call("PATCH", location, what, scopes, (202,), headers, chunk, idempotent=False)
-                response, _ = await self._transport.request(call)
-                stored = _UPLOAD_RANGE_RE.fullmatch(response.headers.get("range", f"0-{end}"))
-                if not stored or int(stored.group(1)) != end:
-                    acked = response.headers.get("range")
-                    raise ProtocolError(f"{what}: registry acknowledged {acked!r} after we sent 0-{end}")
-                location = _location(response, what)
-                offset = end + 1
+        """PATCH the data in chunks with Content-Range; return the location for the closing PUT.
+
+        File chunks are streamed in small pieces, so no chunk-sized buffer is ever held in memory.
+        """
+        for offset in range(0, size, self._chunk_size):
+            end = min(offset + self._chunk_size, size) - 1
+            headers = {**_OCTET_STREAM, "Content-Range": f"{offset}-{end}", "Content-Length": str(end - offset + 1)}
+            body = data[offset : end + 1] if isinstance(data, bytes) else _file_range(data, offset, end + 1 - offset)
+            call = Call("PATCH", location, what, scopes, (202,), headers, body, idempotent=False)
+            response, _ = await self._transport.request(call)
+            stored = _UPLOAD_RANGE_RE.fullmatch(response.headers.get("range", f"0-{end}"))
+            if not stored or int(stored.group(1)) != end:
+                acked = response.headers.get("range")
+                raise ProtocolError(f"{what}: registry acknowledged {acked!r} after we sent 0-{end}")
+            location = _location(response, what)
         return location
 
     def _reference(self, ref: ImageReference | str) -> ImageReference:
@@ -311,15 +312,16 @@ def _check_stored_digest(response: httpx.Response, digest: str, what: str) -> No
         raise RegistryDigestMismatch(f"{what}: registry stored it as {stored[:80]}, expected {digest}")
 
 
-async def _chunks(data: BlobSource, size: int) -> AsyncGenerator[bytes, None]:
-    """*data* in pieces of *size* bytes (the last may be shorter), reading files incrementally."""
-    if isinstance(data, bytes):
-        for start in range(0, len(data), size):
-            yield data[start : start + size]
-        return
-    async with await trio.open_file(data, "rb") as source:
-        while chunk := await source.read(size):
-            yield chunk
+async def _file_range(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
+    """*length* bytes of *path* from *offset*, in pieces of at most ``_FILE_READ_SIZE``."""
+    async with await trio.open_file(path, "rb") as source:
+        await source.seek(offset)
+        while length > 0:
+            piece = await source.read(min(_FILE_READ_SIZE, length))
+            if not piece:
+                raise ProtocolError(f"{path} shrank while it was being uploaded")
+            length -= len(piece)
+            yield piece
 
 
 async def _digest_of(data: BlobSource) -> str:

@@ -8,7 +8,7 @@ import json
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Container, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Container, Mapping
 from contextlib import asynccontextmanager
 
 import httpx
@@ -89,7 +89,7 @@ class Call:
     scopes: tuple[str, ...]
     ok: Container[int] = (200,)
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    content: bytes | None = None
+    content: bytes | AsyncIterable[bytes] | None = None
     idempotent: bool = True
     authenticate: bool = True
 
