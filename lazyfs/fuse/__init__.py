@@ -1,0 +1,1 @@
+"""FUSE filesystems: the whole RAFS tree (fuse mode) or only blob data devices (erofs mode)."""
