@@ -16,10 +16,12 @@ import trio
 from lazyfs.chunks.codec import Compressor
 from lazyfs.chunks.digest import Digester
 from lazyfs.errors import LazyfsError
-from lazyfs.progress import Progress
+from lazyfs.fuse.records import DEFAULT_CACHE_DIR
+from lazyfs.progress import Progress, human
 from lazyfs.rafs.tree import Tree
 
 if TYPE_CHECKING:
+    from lazyfs.fuse.daemon import MountOptions
     from lazyfs.registry.client import RegistryClient
 
 Handler = Callable[[argparse.Namespace], int]
@@ -141,6 +143,105 @@ async def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    """Mount a Nydus image; return once the mount is usable."""
+    from lazyfs.fuse.control import signal_ready, spawn_daemon
+
+    mountpoint = Path(args.mountpoint).resolve()
+    if not mountpoint.is_dir():
+        raise LazyfsError(f"mountpoint {mountpoint} is not a directory")
+    if not args.foreground:
+        spawn_daemon(args.argv, mountpoint)
+        print(f"mounted {args.source} at {mountpoint}")
+        return 0
+    _log_to_stderr()
+    options = _mount_options(args, mountpoint)
+    from lazyfs.fuse.daemon import run_daemon
+
+    ready = (lambda: signal_ready(args.ready_fd)) if args.ready_fd is not None else (lambda: None)
+    trio.run(run_daemon, options, ready)
+    return 0
+
+
+def _mount_options(args: argparse.Namespace, mountpoint: Path) -> MountOptions:
+    from lazyfs.chunks.fetcher import FetchOptions
+    from lazyfs.fuse.daemon import MountOptions
+    from lazyfs.fuse.source import SourceSpec
+    from lazyfs.rafs.builder import read_prefetch_list
+
+    backend = args.backend or ("dir" if args.blob_dir else "registry")
+    source = SourceSpec(args.source, backend, Path(args.blob_dir) if args.blob_dir else None, args.plain_http,
+                        args.platform, args.username, args.password)
+    prefetch = read_prefetch_list(args.prefetch_list) if args.prefetch_list else ()
+    return MountOptions(source, mountpoint, Path(args.cache_dir), args.mode, prefetch, args.prefetch_all,
+                        args.prefetch_bandwidth, FetchOptions(read_timeout=args.read_timeout))
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    """Unmount a lazyfs mount and stop its daemon."""
+    from lazyfs.fuse.control import unmount
+
+    unmount(Path(args.mountpoint))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """List mounts with bytes read, bytes fetched, cache hit ratio and in-flight fetches."""
+    from lazyfs.fuse.control import status
+
+    mounts = status()
+    if args.json:
+        print(json.dumps(mounts, indent=2))
+        return 0
+    print(f"{'MOUNTPOINT':30} {'MODE':5} {'READ':>10} {'FETCHED':>10} {'HIT%':>6} {'INFLIGHT':>8}  SOURCE")
+    for m in mounts:
+        if m["state"] != "running":
+            print(f"{m['mountpoint']:30} {m['state']}  {m['source']}")
+            continue
+        ratio = "-" if m["cache_hit_ratio"] is None else f"{100 * m['cache_hit_ratio']:.1f}"
+        print(f"{m['mountpoint']:30} {m['mode']:5} {human(m['bytes_read']):>10} {human(m['bytes_fetched']):>10} "
+              f"{ratio:>6} {m['in_flight']:>8}  {m['source']}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List or garbage-collect the chunk cache."""
+    from lazyfs.chunks.cache import CacheManager
+
+    manager = CacheManager(args.cache_dir)
+    try:
+        if args.action == "gc":
+            for blob_id in manager.gc(args.limit):
+                print(f"evicted {blob_id}")
+            return 0
+        entries = manager.ls()
+        if args.json:
+            print(json.dumps([vars(e) | {"in_use": e.in_use} for e in entries], indent=2, default=str))
+            return 0
+        print(f"{'BLOB':64} {'DISK':>10} {'READY':>13} IN-USE")
+        for e in entries:
+            print(f"{e.blob_id:64} {human(e.disk_bytes):>10} {e.ready_chunks:>6}/{e.chunk_count:<6} "
+                  f"{'yes' if e.in_use else 'no'}")
+    finally:
+        manager.close()
+    return 0
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="lazyfs", description="Lazy-loading Nydus images and P2P distribution.")
@@ -186,6 +287,34 @@ def build_parser() -> argparse.ArgumentParser:
     _build_options(p)
     _registry_options(p)
     p.add_argument("--work-dir", help="directory for temporary layer files (default: system temp)")
+
+    p = add("mount", cmd_mount, "Mount a Nydus image read-only; file data is fetched chunk by chunk on first read.")
+    p.add_argument("source", help="Nydus image reference in a registry, or a local bootstrap (with --blob-dir)")
+    p.add_argument("mountpoint")
+    p.add_argument("--blob-dir", help="local blobs, named by blob id (implies --backend dir)")
+    p.add_argument("--mode", choices=["fuse", "erofs"], default="fuse",
+                   help="fuse: lazyfs serves the tree; erofs: the kernel reads metadata, lazyfs serves blob data")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="per-host chunk cache (shared by mounts)")
+    p.add_argument("--backend", choices=["registry", "dir", "p2p"], help="where chunks come from")
+    p.add_argument("--prefetch-list", help="file of paths to prefetch in the background")
+    p.add_argument("--prefetch-all", action="store_true", help="prefetch every chunk in the background")
+    p.add_argument("--prefetch-bandwidth", type=_size, help="prefetch bandwidth limit in bytes/s (e.g. 50M)")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds before a read that cannot be served fails")
+    p.add_argument("--foreground", action="store_true", help="run the mount daemon in this process")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _registry_options(p)
+
+    p = add("umount", cmd_umount, "Unmount a lazyfs mount and stop its daemon.")
+    p.add_argument("mountpoint")
+
+    p = add("status", cmd_status, "List mounts: bytes read, bytes fetched, cache hit ratio, in-flight fetches.")
+    p.add_argument("--json", action="store_true")
+
+    p = add("cache", cmd_cache, "Inspect or garbage-collect the chunk cache.")
+    p.add_argument("action", choices=["ls", "gc"])
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    p.add_argument("--limit", type=_size, default=0, help="gc: evict unused blobs until the cache fits (default 0)")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -205,7 +334,9 @@ def _registry_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lazyfs`` program."""
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
+    args.argv = raw[1:]
     try:
         return int(args.handler(args))
     except LazyfsError as exc:

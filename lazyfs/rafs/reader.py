@@ -316,6 +316,11 @@ class Bootstrap:
             out[(c.blob_index, c.index)] = c
         return out
 
+    def blob_chunks(self, blob_index: int) -> list[ChunkRef]:
+        """Every chunk of one blob listed in the chunk table, in compressed-offset order."""
+        refs = [_chunk_ref(info) for (b, _), info in self.chunk_table.items() if b == blob_index]
+        return sorted(refs, key=lambda r: r.compressed_offset)
+
     def chunk_addrs(self, ino: InodeInfo) -> list[tuple[int, int, int]]:
         """``(blob_index, ci_index, uncompressed block)`` of each chunk of a regular file."""
         if ino.layout != L.LAYOUT_CHUNK_BASED:
@@ -345,11 +350,7 @@ class Bootstrap:
             want = min(self.sb.chunk_size, ino.size - k * self.sb.chunk_size)
             if info.uncompressed_size != want or info.uncompressed_offset != blk * BLOCK_SIZE:
                 raise self._fail(f"inode {ino.nid} chunk {k} disagrees with the chunk table entry")
-            csize = info.compressed_size if info.flags & L.CHUNK_COMPRESSED else info.uncompressed_size
-            refs.append(ChunkRef(
-                blob_index, ci, info.digest, info.compressed_offset, csize, info.uncompressed_offset,
-                info.uncompressed_size,
-            ))
+            refs.append(_chunk_ref(info))
         return refs
 
     def prefetch_nids(self) -> list[int]:
@@ -416,3 +417,9 @@ class Bootstrap:
             node.chunks = self.chunks(ino)
         return node
 
+
+def _chunk_ref(info: L.ChunkInfo) -> ChunkRef:
+    """A chunk-table entry as a ChunkRef (stored sizes are equal for uncompressed chunks)."""
+    csize = info.compressed_size if info.flags & L.CHUNK_COMPRESSED else info.uncompressed_size
+    return ChunkRef(info.blob_index, info.index, info.digest, info.compressed_offset, csize,
+                    info.uncompressed_offset, info.uncompressed_size)

@@ -1,0 +1,113 @@
+"""The CLI side of mounts: start a daemon in the background, unmount, and query status."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lazyfs.errors import LazyfsError
+from lazyfs.fuse.api import api_client
+from lazyfs.fuse.records import MountRecord, find_record, folder_for, load_records
+
+READY = b"ready\n"
+
+
+def spawn_daemon(argv: list[str], mountpoint: Path, timeout: float = 120.0) -> None:
+    """Run ``lazyfs mount ARGV --foreground`` detached; return once it reports the mount usable."""
+    folder = folder_for(mountpoint)
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "daemon.log"
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lazyfs.cli", "mount", *argv, "--foreground", "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), start_new_session=True,
+        )
+    os.close(write_fd)
+    try:
+        message = _read_ready(read_fd, timeout)
+    finally:
+        os.close(read_fd)
+    if message != READY:
+        if proc.poll() is None:
+            proc.kill()
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise LazyfsError("mount daemon failed to start:\n  " + "\n  ".join(tail))
+
+
+def _read_ready(fd: int, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return data
+        chunk = os.read(fd, 64)
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def signal_ready(fd: int) -> None:
+    """Tell the waiting ``lazyfs mount`` that the mount is usable."""
+    os.write(fd, READY)
+    os.close(fd)
+
+
+def status() -> list[dict[str, Any]]:
+    """The status of every live mount (stale records are reported as dead)."""
+    out = []
+    for record in load_records():
+        if not record.alive():
+            out.append({"mountpoint": record.mountpoint, "source": record.source, "state": "dead"})
+            continue
+        try:
+            with api_client(record.socket, timeout=5) as client:
+                out.append({"state": "running", **client.get("/api/v1/status").json()})
+        except httpx.HTTPError as exc:
+            out.append({"mountpoint": record.mountpoint, "source": record.source, "state": f"unreachable: {exc}"})
+    return out
+
+
+def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
+    """Stop the daemon serving *mountpoint* (through its API, then signals) and make sure it is unmounted."""
+    record = find_record(mountpoint)
+    if record is None and not _is_mounted(mountpoint):
+        raise LazyfsError(f"no lazyfs mount at {mountpoint}")
+    if record is not None and record.alive():
+        _stop(record, timeout)
+    if _is_mounted(mountpoint):
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+    if _is_mounted(mountpoint):
+        raise LazyfsError(f"{mountpoint} is still mounted")
+
+
+def _stop(record: MountRecord, timeout: float) -> None:
+    try:
+        with api_client(record.socket, timeout=5) as client:
+            client.post("/api/v1/shutdown")
+    except httpx.HTTPError:
+        os.kill(record.pid, 15)
+    deadline = time.monotonic() + timeout
+    while record.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if record.alive():
+        os.kill(record.pid, 9)
+
+
+def _mounts() -> list[tuple[str, str]]:
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    return [(fields[1].replace("\\040", " "), fields[2]) for fields in (line.split() for line in lines)]
+
+
+def _is_mounted(mountpoint: Path) -> bool:
+    target = os.path.realpath(mountpoint)
+    return any(point == target for point, _ in _mounts())

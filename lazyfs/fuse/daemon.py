@@ -1,0 +1,230 @@
+"""The mount daemon: one process per mount, serving FUSE and a unix-socket API until unmounted.
+
+``lazyfs mount`` starts it in the background and returns when it reports ready; with
+``--foreground`` it runs in the calling process. SIGTERM, ``lazyfs umount`` and an external
+``umount`` all end it cleanly: FUSE session closed, record removed, cache blobs released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from lazyfs import metrics
+from lazyfs.chunks.cache import CacheManager
+from lazyfs.chunks.fetcher import LATENCY_BUCKETS, ChunkFetcher, FetchOptions, open_fetcher
+from lazyfs.fuse.api import ApiServer, Reply
+from lazyfs.fuse.filesystem import RafsFilesystem
+from lazyfs.fuse.records import MountRecord, mount_id
+from lazyfs.fuse.source import SourceSpec, open_source
+from lazyfs.fuse.stats import ReadStats
+from lazyfs.rafs.reader import Bootstrap
+from lazyfs.rafs.tree import ChunkRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """Everything a mount daemon needs."""
+
+    source: SourceSpec
+    mountpoint: Path
+    cache_dir: Path
+    mode: str = "fuse"
+    prefetch: tuple[bytes, ...] = ()
+    prefetch_all: bool = False
+    prefetch_bandwidth: int | None = None
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+
+
+class MountDaemon:
+    """State shared by the FUSE filesystem, the API and prefetch."""
+
+    def __init__(self, opts: MountOptions, boot: Bootstrap, fetcher: ChunkFetcher, nursery: trio.Nursery) -> None:
+        self.opts = opts
+        self.boot = boot
+        self.fetcher = fetcher
+        self.nursery = nursery
+        self.stats = ReadStats()
+        self.id = mount_id(opts.mountpoint)
+        self.record = MountRecord(self.id, str(opts.mountpoint), opts.source.source, opts.mode, os.getpid(),
+                                  time.time())
+        self.prefetching = 0
+
+    # -- API ----------------------------------------------------------------------------------------
+
+    def api(self) -> ApiServer:
+        """The daemon's HTTP API."""
+        return ApiServer({
+            ("GET", "/api/v1/status"): self._status,
+            ("GET", "/metrics"): self._metrics,
+            ("POST", "/api/v1/prefetch"): self._prefetch,
+            ("POST", "/api/v1/shutdown"): self._shutdown,
+        })
+
+    def status(self) -> dict[str, object]:
+        """Mount, read and fetch figures as JSON."""
+        m = self.fetcher.metrics
+        lookups = m.cache_hits + m.cache_misses
+        return {
+            "id": self.id, "mountpoint": self.record.mountpoint, "source": self.record.source,
+            "mode": self.opts.mode, "pid": self.record.pid, "uptime": round(time.time() - self.record.started, 3),
+            "blobs": [b.blob_id for b in self.boot.blobs], "reads": self.stats.as_dict(),
+            "bytes_read": self.stats.read_bytes, "bytes_fetched": m.backend_bytes,
+            "cache_hit_ratio": round(m.cache_hits / lookups, 4) if lookups else None,
+            "in_flight": m.in_flight, "prefetching": self.prefetching, "fetch": m.snapshot(),
+        }
+
+    async def _status(self, _: bytes) -> Reply:
+        return Reply.json(self.status())
+
+    async def _metrics(self, _: bytes) -> Reply:
+        labels = {"mount": self.id}
+        snap = self.fetcher.metrics.snapshot()
+        plain = {k: v for k, v in snap.items() if isinstance(v, int | float) and k != "latency_sum"}
+        lines = metrics.counters("lazyfs_fetch", plain, labels, gauges=("in_flight",))
+        lines += metrics.counters("lazyfs_app", self.stats.as_dict(), labels)
+        lines += metrics.histogram("lazyfs_fetch_latency_seconds", LATENCY_BUCKETS,
+                                   self.fetcher.metrics.latency_counts, self.fetcher.metrics.latency_sum, labels)
+        return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
+
+    async def _prefetch(self, body: bytes) -> Reply:
+        import json
+
+        try:
+            request = json.loads(body or b"{}")
+            paths = [os.fsencode(p) for p in request.get("paths", [])]
+        except (ValueError, AttributeError, TypeError):
+            return Reply.json({"error": 'expected {"paths": [...]} or {"all": true}'}, 400)
+        refs = self.prefetch_refs(paths, bool(request.get("all")))
+        self.nursery.start_soon(self.run_prefetch, refs)
+        return Reply.json({"chunks": sum(len(r) for r in refs.values())}, 202)
+
+    async def _shutdown(self, _: bytes) -> Reply:
+        log.info("event=shutdown reason=api mount=%s", self.id)
+        pyfuse3.terminate()
+        return Reply.json({"ok": True}, 202)
+
+    # -- prefetch -----------------------------------------------------------------------------------
+
+    def prefetch_refs(self, paths: list[bytes], everything: bool) -> dict[int, list[ChunkRef]]:
+        """Chunks of the files under *paths* (all files when *everything*), grouped by blob."""
+        boot = self.boot
+        if everything:
+            return {i: boot.blob_chunks(i) for i in range(len(boot.blobs))}
+        nids = []
+        for path in paths:
+            ino = boot.inode(boot.root_nid)
+            for part in [p for p in path.split(b"/") if p]:
+                nid = boot.lookup(ino, part) if ino.is_dir else None
+                if nid is None:
+                    log.warning("event=prefetch_missing path=%r", path)
+                    break
+                ino = boot.inode(nid)
+            else:
+                nids.append(ino.nid)
+        out: dict[int, dict[int, ChunkRef]] = {}
+        for nid in self.files_under(nids):
+            for ref in boot.chunks(boot.inode(nid)):
+                out.setdefault(ref.blob_index, {})[ref.index] = ref
+        return {b: sorted(refs.values(), key=lambda r: r.compressed_offset) for b, refs in out.items()}
+
+    def files_under(self, nids: list[int]) -> list[int]:
+        """Regular files at or below *nids*."""
+        files, seen, stack = [], set(), list(nids)
+        while stack:
+            nid = stack.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            ino = self.boot.inode(nid)
+            if ino.is_dir:
+                stack += [n for name, n, _ in self.boot.readdir(ino) if name not in (b".", b"..")]
+            elif stat.S_ISREG(ino.mode):
+                files.append(nid)
+        return files
+
+    async def run_prefetch(self, refs: dict[int, list[ChunkRef]]) -> None:
+        """Fetch *refs* in the background, behind on-demand reads."""
+        self.prefetching += 1
+        start = time.monotonic()
+        try:
+            for blob_index, chunks in refs.items():
+                await self.fetcher.prefetch(self.boot.blobs[blob_index], chunks, self.opts.prefetch_bandwidth)
+            log.info("event=prefetch_done mount=%s chunks=%d seconds=%.2f", self.id,
+                     sum(len(c) for c in refs.values()), time.monotonic() - start)
+        except Exception as exc:  # prefetch is best effort: reads fetch on demand anyway
+            log.warning("event=prefetch_failed mount=%s error=%s", self.id, exc)
+        finally:
+            self.prefetching -= 1
+
+
+def _initial_prefetch(daemon: MountDaemon) -> dict[int, list[ChunkRef]]:
+    """What to prefetch at mount: the given paths, or everything, or the bootstrap's prefetch table."""
+    boot, opts = daemon.boot, daemon.opts
+    table = boot.prefetch_nids() if boot.sb.prefetch_table_size else []
+    if opts.prefetch_all or boot.root_nid in table:
+        return daemon.prefetch_refs([], True)
+    refs = daemon.prefetch_refs(list(opts.prefetch), False)
+    for nid in daemon.files_under(table):
+        for ref in boot.chunks(boot.inode(nid)):
+            refs.setdefault(ref.blob_index, []).append(ref)
+    return refs
+
+
+async def run_daemon(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount, report ready, and serve until unmounted, terminated or shut down through the API."""
+    cache = CacheManager(opts.cache_dir)
+    try:
+        async with open_source(opts.source, opts.cache_dir) as src:
+            boot = Bootstrap.open(src.bootstrap)
+            async with open_fetcher(src.backend, cache, opts.fetch, owner=mount_id(opts.mountpoint)) as fetcher:
+                for i, blob in enumerate(boot.blobs):
+                    await fetcher.register_blob(blob, boot.blob_chunks(i))
+                async with trio.open_nursery() as nursery:
+                    daemon = MountDaemon(opts, boot, fetcher, nursery)
+                    await _serve(daemon, ready)
+    finally:
+        cache.close()
+
+
+async def _serve(daemon: MountDaemon, ready: Callable[[], None]) -> None:
+    opts = daemon.opts
+    if opts.mode != "fuse":
+        raise NotImplementedError(f"mode {opts.mode}")
+    fs = RafsFilesystem(daemon.boot, daemon.fetcher, daemon.stats)
+    options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions", "allow_other"}
+    pyfuse3.init(fs, str(opts.mountpoint), options)
+    daemon.record.save()
+    try:
+        async with trio.open_nursery() as inner:
+            await inner.start(daemon.api().serve, daemon.record.socket)
+            inner.start_soon(_watch_signals)
+            inner.start_soon(daemon.run_prefetch, _initial_prefetch(daemon))
+            log.info("event=mounted mount=%s mountpoint=%s source=%s mode=%s", daemon.id, opts.mountpoint,
+                     opts.source.source, opts.mode)
+            ready()
+            await pyfuse3.main()
+            inner.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        (daemon.record.folder / "mount.json").unlink(missing_ok=True)
+        daemon.nursery.cancel_scope.cancel()
+        log.info("event=unmounted mount=%s", daemon.id)
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("event=shutdown reason=signal signal=%d", signum)
+            pyfuse3.terminate()

@@ -1,0 +1,73 @@
+"""Where a mount's bootstrap and chunk data come from: a local bootstrap + blob dir, or a registry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs.chunks.backends import Backend, DirBackend, RegistryBackend
+from lazyfs.errors import LazyfsError
+from lazyfs.rafs.loader import read_bootstrap_bytes
+from lazyfs.registry.auth import Credentials
+from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.reference import ImageReference
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What to mount and how to reach its data."""
+
+    source: str  # local bootstrap file, or a Nydus image reference
+    backend: str = "registry"  # registry | dir | p2p
+    blob_dir: Path | None = None
+    plain_http: bool = False
+    platform: str = "linux/amd64"
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A local bootstrap file and the backend that serves its blobs."""
+
+    bootstrap: Path
+    backend: Backend
+
+
+def _store_bootstrap(cache_dir: Path, data: bytes) -> Path:
+    """Keep a bootstrap under the cache dir, named by its sha256, written atomically."""
+    folder = cache_dir / "bootstraps"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (hashlib.sha256(data).hexdigest() + ".boot")
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+@asynccontextmanager
+async def open_source(spec: SourceSpec, cache_dir: Path) -> AsyncIterator[ResolvedSource]:
+    """Make the bootstrap local and open the backend (a registry client stays open meanwhile)."""
+    if spec.backend == "p2p":
+        raise LazyfsError("the p2p backend needs a local lazyfs peer, which this version does not have yet")
+    if os.path.exists(spec.source):
+        data = read_bootstrap_bytes(spec.source)
+        if spec.backend != "dir" or spec.blob_dir is None:
+            raise LazyfsError("a local bootstrap needs --backend dir and --blob-dir")
+        yield ResolvedSource(_store_bootstrap(cache_dir, data), DirBackend(spec.blob_dir))
+        return
+    if spec.backend != "registry":
+        raise LazyfsError(f"{spec.source} is not a local file; image references need --backend registry")
+    from lazyfs.convert.remote import fetch_bootstrap, fetch_nydus_manifest
+
+    ref = ImageReference.parse(spec.source)
+    creds = Credentials(spec.username, spec.password or "") if spec.username else None
+    async with RegistryClient(ref.registry, credentials=creds, plain_http=spec.plain_http) as client:
+        manifest = await fetch_nydus_manifest(client, spec.source, spec.platform)
+        boot = await fetch_bootstrap(client, spec.source, manifest)
+        yield ResolvedSource(_store_bootstrap(cache_dir, boot), RegistryBackend(client, ref.repository))
