@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -223,7 +224,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             return 0
         entries = manager.ls()
         if args.json:
-            print(json.dumps([vars(e) | {"in_use": e.in_use} for e in entries], indent=2, default=str))
+            print(json.dumps([dataclasses.asdict(e) | {"in_use": e.in_use} for e in entries], indent=2, default=str))
             return 0
         print(f"{'BLOB':64} {'DISK':>10} {'READY':>13} IN-USE")
         for e in entries:

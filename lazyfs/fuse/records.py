@@ -51,14 +51,12 @@ class MountRecord:
         os.replace(tmp, self.folder / "mount.json")
 
     def alive(self) -> bool:
-        """Whether the daemon process still runs."""
+        """Whether the daemon process still runs (a zombie awaiting its reaper does not)."""
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
             return False
-        except PermissionError:
-            return True
-        return True
+        return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def folder_for(mountpoint: Path) -> Path:

@@ -56,7 +56,11 @@ def read_bootstrap_bytes(path: str | os.PathLike[str]) -> bytes:
             if size > MAX_BOOTSTRAP:
                 raise FormatError(f"{path}: bootstrap layer of {size} bytes is too large")
             return bootstrap_from_layer(head + f.read())
-        return extract_bootstrap(f, size)
+        try:
+            return extract_bootstrap(f, size)
+        except FormatError as exc:
+            raise FormatError(f"{path}: not a Nydus bootstrap, bootstrap layer, or blob with an inlined "
+                              f"bootstrap ({exc})") from None
 
 
 def load_tree(path: str | os.PathLike[str]) -> Tree:
