@@ -81,6 +81,37 @@ class RegistryServer:
     root: Path
     log_path: Path
     credentials: Credentials | None = None
+    config_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Run docker-registry with this server's config; return once it answers."""
+        assert self.config_path is not None and REGISTRY_BIN is not None
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([REGISTRY_BIN, "serve", str(self.config_path)], stdout=log, stderr=log)
+        _wait_until_up(self, self.process)
+
+    def stop(self) -> None:
+        """Stop the registry process (its storage stays)."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        """Start the registry again on the same address and storage."""
+        self.stop()
+        self.start()
+
+    def blob_path(self, digest: str) -> Path:
+        """Where filesystem storage keeps a blob's bytes (for corrupting it in tests)."""
+        hexdigest = digest.removeprefix("sha256:")
+        return self.root / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
 
     @property
     def url(self) -> str:
@@ -149,19 +180,12 @@ def run_registry(
         config["auth"] = auth
     config_path = workdir / "config.yml"
     config_path.write_text(json.dumps(config))  # JSON is valid YAML
-    server = RegistryServer(host, workdir / "storage", workdir / "registry.log", credentials)
-    with server.log_path.open("wb") as log:
-        process = subprocess.Popen([REGISTRY_BIN, "serve", str(config_path)], stdout=log, stderr=log)
+    server = RegistryServer(host, workdir / "storage", workdir / "registry.log", credentials, config_path)
     try:
-        _wait_until_up(server, process)
+        server.start()
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 def _wait_until_up(server: RegistryServer, process: subprocess.Popen[bytes]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import pyfuse3
+import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fuse.stats import ReadStats
@@ -38,6 +39,8 @@ class ChunkSource(Protocol):
 class _OpenFile:
     info: InodeInfo
     chunks: list[ChunkRef]
+    next_offset: int = 0  # where a sequential reader continues
+    readahead_end: int = 0  # chunk index below which readahead was already started
 
 
 class RafsFilesystem(pyfuse3.Operations):
@@ -45,11 +48,14 @@ class RafsFilesystem(pyfuse3.Operations):
 
     supports_dot_lookup = False
 
-    def __init__(self, boot: Bootstrap, source: ChunkSource, stats: ReadStats | None = None) -> None:
+    def __init__(self, boot: Bootstrap, source: ChunkSource, stats: ReadStats | None = None,
+                 readahead: tuple[trio.Nursery, int] | None = None) -> None:
+        """*readahead* = (nursery, chunks): fetch that many chunks ahead of sequential readers."""
         super().__init__()
         self.boot = boot
         self.source = source
         self.stats = stats or ReadStats()
+        self.readahead = readahead
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
 
@@ -196,7 +202,27 @@ class RafsFilesystem(pyfuse3.Operations):
         out = joined[start : start + end - off]
         self.stats.reads += 1
         self.stats.read_bytes += len(out)
+        self._read_ahead(handle, off, end, last)
         return out
+
+    def _read_ahead(self, handle: _OpenFile, off: int, end: int, last: int) -> None:
+        """Start fetching the next chunks in the background when the file is read sequentially."""
+        sequential = off == handle.next_offset
+        handle.next_offset = end
+        if self.readahead is None or not sequential:
+            return
+        nursery, count = self.readahead
+        begin = max(last + 1, handle.readahead_end)
+        stop = min(last + 1 + count, len(handle.chunks))
+        if begin < stop:
+            handle.readahead_end = stop
+            nursery.start_soon(self._prefetch_quietly, handle.chunks[begin:stop])
+
+    async def _prefetch_quietly(self, refs: list[ChunkRef]) -> None:
+        try:
+            await self._fetch(refs)
+        except LazyfsError as exc:  # the reader itself will get EIO if it gets there
+            log.info("event=readahead_failed error=%s", exc)
 
     async def _fetch(self, refs: list[ChunkRef]) -> list[bytes]:
         """Chunks in order, asking the source once per run of chunks from the same blob."""
