@@ -14,6 +14,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.rafs.loader import read_bootstrap_bytes
 from lazyfs.registry.auth import Credentials
 from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.redirects import RedirectCache
 from lazyfs.registry.reference import ImageReference
 
 
@@ -67,7 +68,9 @@ async def open_source(spec: SourceSpec, cache_dir: Path) -> AsyncIterator[Resolv
 
     ref = ImageReference.parse(spec.source)
     creds = Credentials(spec.username, spec.password or "") if spec.username else None
-    async with RegistryClient(ref.registry, credentials=creds, plain_http=spec.plain_http) as client:
+    # a mount makes many Range reads per blob: remember where the registry redirects them
+    async with RegistryClient(ref.registry, credentials=creds, plain_http=spec.plain_http,
+                              redirects=RedirectCache()) as client:
         manifest = await fetch_nydus_manifest(client, spec.source, spec.platform)
         boot = await fetch_bootstrap(client, spec.source, manifest)
         yield ResolvedSource(_store_bootstrap(cache_dir, boot), RegistryBackend(client, ref.repository))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -15,7 +16,13 @@ import trio
 
 from lazyfs.registry.auth import Credentials, load_docker_credentials
 from lazyfs.registry.digest import DigestVerifier, check_digest, sha256_digest
-from lazyfs.registry.errors import InvalidReferenceError, ProtocolError, RegistryDigestMismatch, UnavailableError
+from lazyfs.registry.errors import (
+    InvalidReferenceError,
+    ProtocolError,
+    RegistryDigestMismatch,
+    RegistryError,
+    UnavailableError,
+)
 from lazyfs.registry.manifest import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -26,6 +33,7 @@ from lazyfs.registry.manifest import (
     Platform,
     parse_manifest,
 )
+from lazyfs.registry.redirects import RedirectCache
 from lazyfs.registry.reference import ImageReference, api_host, check_repository
 from lazyfs.registry.transport import Call, RetryPolicy, Transport, describe
 
@@ -35,6 +43,8 @@ _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UPLOAD_RANGE_RE = re.compile(r"(?:bytes=)?0-(\d+)")
 _FILE_READ_SIZE = 1 << 20
 _OCTET_STREAM = {"Content-Type": "application/octet-stream"}
+
+log = logging.getLogger(__name__)
 
 BlobSource = bytes | Path
 """Blob content to upload: in memory, or a file read in chunks."""
@@ -75,7 +85,8 @@ class RegistryClient:
 
     Credentials default to the Docker config's entry for the registry. Plain HTTP is refused unless
     *plain_http* is set; *verify* may be an ``ssl.SSLContext`` trusting a private CA. Uploads larger
-    than *chunked_threshold* go in PATCH chunks of *chunk_size*.
+    than *chunked_threshold* go in PATCH chunks of *chunk_size*. Where blob downloads get redirected
+    (to signed storage URLs, typically) is remembered in *redirects*.
     """
 
     def __init__(
@@ -90,6 +101,7 @@ class RegistryClient:
         chunk_size: int = 16 << 20,
         chunked_threshold: int = 64 << 20,
         verify: ssl.SSLContext | bool = True,
+        redirects: RedirectCache | None = None,
     ) -> None:
         if credentials is None and docker_config:
             credentials = load_docker_credentials(registry)
@@ -105,6 +117,7 @@ class RegistryClient:
             verify=verify,
         )
         self._base = self._transport.base_url
+        self._redirects = RedirectCache() if redirects is None else redirects
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -164,7 +177,11 @@ class RegistryClient:
     async def get_blob_stream(
         self, repo: str, digest: str, *, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[BlobStream]:
-        """Open a blob download, following redirects; *offset*/*length* request a byte range (206)."""
+        """Open a blob download, following redirects; *offset*/*length* request a byte range (206).
+
+        A blob the registry redirected to a URL fetched without credentials is read straight from that
+        URL (still without credentials) until it expires or fails once, then through the registry again.
+        """
         what = f"blob {check_digest(digest)} in {repo}"
         if offset < 0 or (length is not None and length <= 0):
             raise ValueError(f"{what}: invalid range offset={offset} length={length}")
@@ -172,12 +189,31 @@ class RegistryClient:
         if offset or length is not None:
             last = "" if length is None else str(offset + length - 1)
             headers["Range"] = f"bytes={offset}-{last}"
-        url = f"{self._base}/v2/{repo}/blobs/{digest}"
-        call = Call("GET", url, what, _pull(repo), (200, 206), headers)
-        async with self._transport.stream(call) as response:
+        async with AsyncExitStack() as stack:
+            response = await self._open_blob(stack, repo, digest, headers, what)
             if headers:
                 _check_content_range(response, offset, length, what)
             yield BlobStream(response, what)
+
+    async def _open_blob(
+        self, stack: AsyncExitStack, repo: str, digest: str, headers: dict[str, str], what: str
+    ) -> httpx.Response:
+        """GET a blob from its remembered storage URL, or else (or if that fails) from the registry."""
+        key = (repo, digest)
+        cached = self._redirects.get(key)
+        if cached is not None:
+            call = Call("GET", cached, what, (), (200, 206), headers, authenticate=False, attempts=1)
+            try:
+                return await stack.enter_async_context(self._transport.stream(call))
+            except RegistryError as exc:
+                log.debug("%s: remembered storage URL failed, asking the registry again: %s", what, exc)
+                self._redirects.discard(key)
+        url = f"{self._base}/v2/{repo}/blobs/{digest}"
+        call = Call("GET", url, what, _pull(repo), (200, 206), headers)
+        response = await stack.enter_async_context(self._transport.stream(call))
+        if response.history and "authorization" not in response.request.headers:
+            self._redirects.put(key, response.url)
+        return response
 
     async def fetch_blob_to_file(
         self,

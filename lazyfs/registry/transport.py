@@ -80,7 +80,8 @@ async def read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
 class Call:
     """One registry request: what it is for, the token scopes it needs and the statuses it accepts.
 
-    Only idempotent calls are retried after 5xx answers or broken connections.
+    Only idempotent calls are retried after 5xx answers or broken connections; *attempts* overrides
+    the retry policy's number of tries.
     """
 
     method: str
@@ -92,6 +93,7 @@ class Call:
     content: bytes | AsyncIterable[bytes] | None = None
     idempotent: bool = True
     authenticate: bool = True
+    attempts: int | None = None
 
     @property
     def label(self) -> str:
@@ -166,7 +168,7 @@ class Transport:
                 await self.auth.on_unauthorized(challenges, call.scopes, call.label)
                 continue
             retryable = status == 429 or (status >= 500 and call.idempotent)
-            if not retryable or attempt >= self._retry.attempts:
+            if not retryable or attempt >= self._attempts(call):
                 raise await self._error(response, call, attempt)
             delay = self._retry.delay(attempt, response.headers.get("retry-after"))
             await response.aclose()
@@ -182,12 +184,16 @@ class Transport:
             return await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
             # A refused connection never reached the server, so even a non-idempotent call may be retried.
-            if (call.idempotent or isinstance(exc, httpx.ConnectError)) and attempt < self._retry.attempts:
+            if (call.idempotent or isinstance(exc, httpx.ConnectError)) and attempt < self._attempts(call):
                 await trio.sleep(self._retry.delay(attempt))
                 return None
             raise UnavailableError(f"{call.label} failed: {describe(exc)}") from exc
         except httpx.TooManyRedirects as exc:
             raise ProtocolError(f"{call.label}: too many redirects") from exc
+
+    def _attempts(self, call: Call) -> int:
+        """How many times *call* may be tried."""
+        return call.attempts or self._retry.attempts
 
     async def _error(self, response: httpx.Response, call: Call, attempts: int) -> RegistryError:
         """The exception for an unwanted status, with the registry's own error text if it sent one."""
