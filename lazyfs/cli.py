@@ -171,8 +171,8 @@ def _mount_options(args: argparse.Namespace, mountpoint: Path) -> MountOptions:
     from lazyfs.rafs.builder import read_prefetch_list
 
     backend = args.backend or ("dir" if args.blob_dir else "registry")
-    source = SourceSpec(args.source, backend, Path(args.blob_dir) if args.blob_dir else None, args.plain_http,
-                        args.platform, args.username, args.password)
+    source = SourceSpec(args.source, backend, args.image, Path(args.blob_dir) if args.blob_dir else None,
+                        args.plain_http, args.platform, args.username, args.password)
     prefetch = read_prefetch_list(args.prefetch_list) if args.prefetch_list else ()
     return MountOptions(source, mountpoint, Path(args.cache_dir), args.mode, prefetch, args.prefetch_all,
                         args.prefetch_bandwidth, FetchOptions(read_timeout=args.read_timeout))
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="Nydus image reference in a registry, or a local bootstrap (with --blob-dir)")
     p.add_argument("mountpoint")
     p.add_argument("--blob-dir", help="local blobs, named by blob id (implies --backend dir)")
+    p.add_argument("--image", help="for a local bootstrap: the Nydus image in a registry that holds its blobs")
     p.add_argument("--mode", choices=["fuse", "erofs"], default="fuse",
                    help="fuse: lazyfs serves the tree; erofs: the kernel reads metadata, lazyfs serves blob data")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="per-host chunk cache (shared by mounts)")

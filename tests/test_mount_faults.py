@@ -39,6 +39,7 @@ class Image:
     workdir: Path
     ref: str
     files: dict[str, bytes]
+    bootstrap: bytes
     tree: Tree
 
     def blob_bytes(self) -> int:
@@ -65,17 +66,17 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     files |= {f"small/note-{i:02d}.txt": os.urandom(10_000) for i in range(SMALL_FILES)}
     with run_registry(work / "registry") as registry:
 
-        async def prepare() -> Tree:
+        async def prepare() -> bytes:
             async with registry.client() as client:
                 pushed = await push_test_image(client, "faults/src", "1", [_layer(files)], compression="none")
                 await convert_image(client, client, pushed.reference, f"{registry.host}/faults/nydus:1")
                 manifest = await client.get_manifest(f"{registry.host}/faults/nydus:1")
                 async with client.get_blob_stream("faults/nydus", manifest.layers[-1].digest) as stream:
                     layer = b"".join([piece async for piece in stream])
-            return Bootstrap(bootstrap_from_layer(layer)).to_tree()
+            return bootstrap_from_layer(layer)
 
-        tree = trio.run(prepare)
-        yield Image(registry, work, f"{registry.host}/faults/nydus:1", files, tree)
+        boot = trio.run(prepare)
+        yield Image(registry, work, f"{registry.host}/faults/nydus:1", files, boot, Bootstrap(boot).to_tree())
 
 
 @pytest.fixture
@@ -195,3 +196,11 @@ def test_corrupt_byte_fails_only_that_file(image: Image, lazyfs: Lazyfs, tmp_pat
             assert f"chunk={chunk.index}" in log and blob.blob_id[:12] in log
     finally:
         data_file.write_bytes(original)
+
+
+def test_local_bootstrap_with_blobs_from_the_registry(image: Image, lazyfs: Lazyfs, tmp_path: Path) -> None:
+    boot = tmp_path / "image.boot"
+    boot.write_bytes(image.bootstrap)
+    with lazyfs.mount(boot, tmp_path / "mnt", "--image", image.ref, "--plain-http") as mnt:
+        assert (mnt / "small" / "note-05.txt").read_bytes() == image.files["small/note-05.txt"]
+        assert lazyfs.mount_status(mnt)["bytes_fetched"] > 0

@@ -24,6 +24,7 @@ class SourceSpec:
 
     source: str  # local bootstrap file, or a Nydus image reference
     backend: str = "registry"  # registry | dir | p2p
+    image: str | None = None  # for a local bootstrap with the registry backend: the image its blobs are in
     blob_dir: Path | None = None
     plain_http: bool = False
     platform: str = "linux/amd64"
@@ -56,21 +57,30 @@ async def open_source(spec: SourceSpec, cache_dir: Path) -> AsyncIterator[Resolv
     """Make the bootstrap local and open the backend (a registry client stays open meanwhile)."""
     if spec.backend == "p2p":
         raise LazyfsError("the p2p backend needs a local lazyfs peer, which this version does not have yet")
-    if os.path.exists(spec.source):
-        data = read_bootstrap_bytes(spec.source)
-        if spec.backend != "dir" or spec.blob_dir is None:
-            raise LazyfsError("a local bootstrap needs --backend dir and --blob-dir")
-        yield ResolvedSource(_store_bootstrap(cache_dir, data), DirBackend(spec.blob_dir))
+    local = os.path.exists(spec.source)
+    if local and spec.backend == "dir":
+        if spec.blob_dir is None:
+            raise LazyfsError("--backend dir needs --blob-dir")
+        yield ResolvedSource(_store_bootstrap(cache_dir, read_bootstrap_bytes(spec.source)), DirBackend(spec.blob_dir))
         return
     if spec.backend != "registry":
-        raise LazyfsError(f"{spec.source} is not a local file; image references need --backend registry")
-    from lazyfs.convert.remote import fetch_bootstrap, fetch_nydus_manifest
-
-    ref = ImageReference.parse(spec.source)
+        raise LazyfsError(f"backend {spec.backend} cannot serve {spec.source}")
+    if local and spec.image is None:
+        raise LazyfsError("a local bootstrap needs --blob-dir, or --image naming the registry image of its blobs")
+    ref = ImageReference.parse(spec.image or spec.source)
     creds = Credentials(spec.username, spec.password or "") if spec.username else None
     # a mount makes many Range reads per blob: remember where the registry redirects them
     async with RegistryClient(ref.registry, credentials=creds, plain_http=spec.plain_http,
                               redirects=RedirectCache()) as client:
-        manifest = await fetch_nydus_manifest(client, spec.source, spec.platform)
-        boot = await fetch_bootstrap(client, spec.source, manifest)
+        if local:
+            boot = read_bootstrap_bytes(spec.source)
+        else:
+            boot = await _registry_bootstrap(client, spec)
         yield ResolvedSource(_store_bootstrap(cache_dir, boot), RegistryBackend(client, ref.repository))
+
+
+async def _registry_bootstrap(client: RegistryClient, spec: SourceSpec) -> bytes:
+    from lazyfs.convert.remote import fetch_bootstrap, fetch_nydus_manifest
+
+    manifest = await fetch_nydus_manifest(client, spec.source, spec.platform)
+    return await fetch_bootstrap(client, spec.source, manifest)
