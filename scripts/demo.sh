@@ -15,9 +15,9 @@ registry_pid="" loop="" mnt="$work/mnt"
 
 cleanup() {
   local rc=$?
-  mountpoint -q "$mnt" 2>/dev/null && umount "$mnt"
-  [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null
-  [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
+  if mountpoint -q "$mnt" 2>/dev/null; then umount "$mnt"; fi
+  for l in $loop; do losetup -d "$l" 2>/dev/null || true; done
+  if [ -n "$registry_pid" ]; then kill "$registry_pid" 2>/dev/null; wait "$registry_pid" 2>/dev/null || true; fi
   rm -rf "$work"
   exit "$rc"
 }

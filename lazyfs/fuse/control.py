@@ -84,8 +84,10 @@ def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
         raise LazyfsError(f"no lazyfs mount at {mountpoint}")
     if record is not None and record.alive():
         _stop(record, timeout)
-    if _is_mounted(mountpoint):
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+    devices = folder_for(mountpoint) / "devices"  # erofs mode: the blob device files of a daemon that died
+    for point in (mountpoint, devices):  # the EROFS mount first: its loops detach when it goes
+        if _is_mounted(point):
+            subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
     if _is_mounted(mountpoint):
         raise LazyfsError(f"{mountpoint} is still mounted")
 

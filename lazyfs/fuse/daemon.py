@@ -3,6 +3,10 @@
 ``lazyfs mount`` starts it in the background and returns when it reports ready; with
 ``--foreground`` it runs in the calling process. SIGTERM, ``lazyfs umount`` and an external
 ``umount`` all end it cleanly: FUSE session closed, record removed, cache blobs released.
+
+In ``fuse`` mode the FUSE filesystem is the mount. In ``erofs`` mode the daemon's FUSE filesystem
+only serves blob device files (:mod:`lazyfs.fuse.blobdev`) in its private folder, and the kernel
+EROFS driver mounts the bootstrap over loop devices on them (:mod:`lazyfs.fuse.kernel_mount`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import signal
 import stat
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +27,9 @@ import trio
 from lazyfs import metrics
 from lazyfs.chunks.cache import CacheManager
 from lazyfs.chunks.fetcher import LATENCY_BUCKETS, ChunkFetcher, FetchOptions, open_fetcher
+from lazyfs.fuse import kernel_mount
 from lazyfs.fuse.api import ApiServer, Reply
+from lazyfs.fuse.blobdev import BlobDevice, BlobDevicesFilesystem, device_name
 from lazyfs.fuse.filesystem import RafsFilesystem
 from lazyfs.fuse.records import MountRecord, mount_id
 from lazyfs.fuse.source import SourceSpec, open_source
@@ -31,6 +38,9 @@ from lazyfs.rafs.reader import Bootstrap
 from lazyfs.rafs.tree import ChunkRef
 
 log = logging.getLogger(__name__)
+READAHEAD_CHUNKS = 2  # fetched ahead of a sequential reader in fuse mode (the kernel reads ahead in erofs mode)
+FUSE_OPTIONS = frozenset({"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions", "allow_other"})
+DEVICES_OPTIONS = frozenset({"fsname=lazyfs-devices", "subtype=lazyfs", "ro"})  # root only: loops run as root
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,13 @@ class MountDaemon:
         self.record = MountRecord(self.id, str(opts.mountpoint), opts.source.source, opts.mode, os.getpid(),
                                   time.time())
         self.prefetching = 0
+        self.stopping = trio.Event()
+
+    def stop(self, reason: str) -> None:
+        """Ask the daemon to unmount and exit."""
+        if not self.stopping.is_set():
+            log.info("event=shutdown reason=%s mount=%s", reason, self.id)
+            self.stopping.set()
 
     # -- API ----------------------------------------------------------------------------------------
 
@@ -111,8 +128,7 @@ class MountDaemon:
         return Reply.json({"chunks": sum(len(r) for r in refs.values())}, 202)
 
     async def _shutdown(self, _: bytes) -> Reply:
-        log.info("event=shutdown reason=api mount=%s", self.id)
-        pyfuse3.terminate()
+        self.stop("api")
         return Reply.json({"ok": True}, 202)
 
     # -- prefetch -----------------------------------------------------------------------------------
@@ -193,29 +209,30 @@ async def run_daemon(opts: MountOptions, ready: Callable[[], None] = lambda: Non
                     await fetcher.register_blob(blob, boot.blob_chunks(i))
                 async with trio.open_nursery() as nursery:
                     daemon = MountDaemon(opts, boot, fetcher, nursery)
-                    await _serve(daemon, ready)
+                    await _serve(daemon, ready, src.bootstrap)
     finally:
         cache.close()
 
 
-async def _serve(daemon: MountDaemon, ready: Callable[[], None]) -> None:
+async def _serve(daemon: MountDaemon, ready: Callable[[], None], bootstrap: Path) -> None:
     opts = daemon.opts
-    if opts.mode != "fuse":
-        raise NotImplementedError(f"mode {opts.mode}")
-    fs = RafsFilesystem(daemon.boot, daemon.fetcher, daemon.stats)
-    options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions", "allow_other"}
-    pyfuse3.init(fs, str(opts.mountpoint), options)
+    fs, target, options = _filesystem(daemon)
+    pyfuse3.init(fs, str(target), options)
     daemon.record.save()
     try:
         async with trio.open_nursery() as inner:
+            inner.start_soon(_fuse_main, inner.cancel_scope)
             await inner.start(daemon.api().serve, daemon.record.socket)
-            inner.start_soon(_watch_signals)
-            inner.start_soon(daemon.run_prefetch, _initial_prefetch(daemon))
-            log.info("event=mounted mount=%s mountpoint=%s source=%s mode=%s", daemon.id, opts.mountpoint,
-                     opts.source.source, opts.mode)
-            ready()
-            await pyfuse3.main()
-            inner.cancel_scope.cancel()
+            inner.start_soon(_watch_signals, daemon)
+            async with _kernel_mount(daemon, bootstrap, target):
+                if opts.mode == "erofs":
+                    inner.start_soon(_watch_unmount, daemon)
+                inner.start_soon(daemon.run_prefetch, _initial_prefetch(daemon))
+                log.info("event=mounted mount=%s mountpoint=%s source=%s mode=%s", daemon.id, opts.mountpoint,
+                         opts.source.source, opts.mode)
+                ready()
+                await daemon.stopping.wait()
+            pyfuse3.terminate()
     finally:
         pyfuse3.close(unmount=True)
         (daemon.record.folder / "mount.json").unlink(missing_ok=True)
@@ -223,8 +240,41 @@ async def _serve(daemon: MountDaemon, ready: Callable[[], None]) -> None:
         log.info("event=unmounted mount=%s", daemon.id)
 
 
-async def _watch_signals() -> None:
+def _filesystem(daemon: MountDaemon) -> tuple[pyfuse3.Operations, Path, set[str]]:
+    """The FUSE filesystem of the daemon's mode, where to mount it, and its mount options."""
+    boot = daemon.boot
+    if daemon.opts.mode == "fuse":
+        fs = RafsFilesystem(boot, daemon.fetcher, daemon.stats, readahead=(daemon.nursery, READAHEAD_CHUNKS))
+        return fs, daemon.opts.mountpoint, set(FUSE_OPTIONS)
+    if daemon.opts.mode != "erofs":
+        raise ValueError(f"unknown mount mode {daemon.opts.mode!r}")
+    devices = [BlobDevice.build(blob, boot.blob_chunks(i)) for i, blob in enumerate(boot.blobs)]
+    folder = daemon.record.folder / "devices"
+    folder.mkdir(parents=True, exist_ok=True)
+    return BlobDevicesFilesystem(devices, daemon.fetcher, daemon.stats), folder, set(DEVICES_OPTIONS)
+
+
+def _kernel_mount(daemon: MountDaemon, bootstrap: Path, devices: Path) -> AbstractAsyncContextManager[object]:
+    """In erofs mode, the kernel EROFS mount over the device files in *devices*; nothing in fuse mode."""
+    if daemon.opts.mode != "erofs":
+        return nullcontext()
+    files = [devices / device_name(blob) for blob in daemon.boot.blobs]
+    return kernel_mount.erofs_mount(bootstrap, files, daemon.opts.mountpoint)
+
+
+async def _fuse_main(done: trio.CancelScope) -> None:
+    """Serve FUSE requests until terminated or unmounted, then end the mount's tasks."""
+    await pyfuse3.main()
+    done.cancel()
+
+
+async def _watch_signals(daemon: MountDaemon) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("event=shutdown reason=signal signal=%d", signum)
-            pyfuse3.terminate()
+            daemon.stop(f"signal-{signum}")
+
+
+async def _watch_unmount(daemon: MountDaemon) -> None:
+    """Stop when the EROFS mount is unmounted behind the daemon's back."""
+    await kernel_mount.wait_unmounted(daemon.opts.mountpoint)
+    daemon.stop("unmounted")
