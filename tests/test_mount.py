@@ -139,7 +139,9 @@ def test_bad_source_fails_clearly(lazyfs: Lazyfs, tmp_path: Path) -> None:
     assert not os.path.ismount(tmp_path / "mnt")
 
 
-async def test_registry_image_mounts_lazily(registry: RegistryServer, lazyfs: Lazyfs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["fuse", "erofs"])
+async def test_registry_image_mounts_lazily(registry: RegistryServer, lazyfs: Lazyfs, tmp_path: Path,
+                                            mode: str) -> None:
     async with registry.client() as client:
         pushed = await push_test_image(client, "lazy/src", "1", image_layers())
         target = f"{registry.host}/lazy/nydus:1"
@@ -151,7 +153,7 @@ async def test_registry_image_mounts_lazily(registry: RegistryServer, lazyfs: La
                    if e.method == "GET" and any(d in e.path for d in data_layers) and "nydus" in e.path)
 
     reference = undated_implicit_dirs(snapshot(umoci_flatten(registry, pushed.reference, tmp_path / "umoci")))
-    with lazyfs.mount(target, tmp_path / "mnt", "--plain-http") as mnt:
+    with lazyfs.mount(target, tmp_path / "mnt", "--plain-http", "--mode", mode) as mnt:
         assert blob_bytes() == 0  # metadata only: no data blob was touched
         assert (mnt / "etc" / "passwd").read_text().startswith("root:x:0:0")
         one_file = blob_bytes()
