@@ -7,12 +7,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import pytest
@@ -23,6 +21,7 @@ from lazyfs.chunks.fetcher import FetchError
 from lazyfs.fuse.blobdev import FIRST_BLOB_INODE, BlobDevice, BlobDevicesFilesystem
 from lazyfs.rafs.tree import BlobInfo, ChunkRef
 from tests.kernel import require_erofs
+from tests.mounts import Lazyfs, leftovers, loops_under, mount_table
 from tests.test_rafs_fixtures import V6_BOOT
 from tests.trees import make_rich_tree
 from tests.walker import diff, snapshot
@@ -30,71 +29,9 @@ from tests.walker import diff, snapshot
 RANDOM_FILE = 3 << 20
 
 
-class Lazyfs:
-    """The CLI with a private run dir and cache dir under *root*."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.cache = root / "cache"
-        self.env = {**os.environ, "LAZYFS_RUN_DIR": str(root / "run")}
-
-    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args], capture_output=True, text=True,
-                              env=self.env, timeout=120)
-        if check:
-            assert proc.returncode == 0, f"lazyfs {args[0]} failed: {proc.stderr}"
-        return proc
-
-    def status(self, mountpoint: Path) -> dict[str, Any]:
-        """The `lazyfs status --json` entry of *mountpoint*."""
-        mounts = json.loads(self("status", "--json").stdout)
-        entry: dict[str, Any] = next(m for m in mounts if m["mountpoint"] == str(mountpoint.resolve()))
-        return entry
-
-    @contextmanager
-    def mount(self, source: Path, *extra: str, mode: str = "erofs") -> Iterator[Path]:
-        """A mount at ``root/mnt``, always taken down: `lazyfs umount`, else `umount -l` and `losetup -d`."""
-        mountpoint = self.root / "mnt"
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        self("mount", str(source), str(mountpoint), "--mode", mode, "--cache-dir", str(self.cache), *extra)
-        try:
-            yield mountpoint
-        finally:
-            if self("umount", str(mountpoint), check=False).returncode or leftovers(self.root):
-                for point in mounts_under(self.root):
-                    subprocess.run(["umount", "-l", point], check=False)
-                for device in loops_under(self.root):
-                    subprocess.run(["losetup", "-d", device], check=False)
-
-
-def mount_table(root: Path) -> dict[str, str]:
-    """Mountpoints below *root* and their filesystem types."""
-    prefix = os.path.realpath(root) + "/"
-    fields = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
-    return {f[1]: f[2] for f in fields if f[1].startswith(prefix)}
-
-
-def mounts_under(root: Path) -> list[str]:
-    """Mountpoints below *root*, the EROFS mount (``root/mnt``) first."""
-    return sorted(mount_table(root), key=lambda point: not point.endswith("/mnt"))
-
-
-def loops_under(root: Path) -> list[str]:
-    """Loop devices whose backing file lies below *root* (bootstraps and blob device files)."""
-    prefix = os.path.realpath(root) + "/"
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        if backing.read_text().strip().startswith(prefix):
-            found.append("/dev/" + backing.parts[3])
-    return found
-
-
-def leftovers(root: Path, wait: float = 5.0) -> list[str]:
-    """Mounts and loop devices of *root* still there after up to *wait* seconds (autoclear is quick)."""
-    deadline = time.monotonic() + wait
-    while (left := mounts_under(root) + loops_under(root)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+def erofs_mount(lazyfs: Lazyfs, source: Path, *extra: str, mode: str = "erofs") -> AbstractContextManager[Path]:
+    """A mount at ``root/mnt`` in *mode* (erofs by default)."""
+    return lazyfs.mount(source, lazyfs.root / "mnt", "--mode", mode, *extra)
 
 
 def read_timed(path: Path) -> float:
@@ -164,11 +101,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 def test_rich_tree_is_identical_and_unmount_leaves_nothing(lazyfs: Lazyfs, built: tuple[Path, Path, Path]) -> None:
     src, boot, blobs = built
-    with lazyfs.mount(boot, "--blob-dir", str(blobs)) as mnt:
+    with erofs_mount(lazyfs, boot, "--blob-dir", str(blobs)) as mnt:
         assert sorted(mount_table(lazyfs.root).values()) == ["erofs", "fuse.lazyfs"]  # image, blob devices
         assert len(loops_under(lazyfs.root)) == 2  # the bootstrap's and the blob's
         assert diff(snapshot(str(src)), snapshot(str(mnt))) == []
-        status = lazyfs.status(mnt)
+        status = lazyfs.mount_status(mnt)
         assert status["mode"] == "erofs" and status["bytes_fetched"] > 0 and status["bytes_read"] > 0
         with pytest.raises(OSError) as info:
             (mnt / "new-file").write_text("x")
@@ -181,19 +118,19 @@ def test_rich_tree_is_identical_and_unmount_leaves_nothing(lazyfs: Lazyfs, built
 def test_nydus_fixture_mounts(lazyfs: Lazyfs, tmp_path: Path) -> None:
     blobs = V6_BOOT.parents[1] / "blobs"
     lazyfs("unpack", str(V6_BOOT), "--blob-dir", str(blobs), str(tmp_path / "ref"))
-    with lazyfs.mount(V6_BOOT, "--blob-dir", str(blobs)) as mnt:
+    with erofs_mount(lazyfs, V6_BOOT, "--blob-dir", str(blobs)) as mnt:
         assert diff(snapshot(str(tmp_path / "ref")), snapshot(str(mnt))) == []
 
 
 def test_metadata_is_free_and_one_file_fetches_its_chunks(lazyfs: Lazyfs, built: tuple[Path, Path, Path]) -> None:
     src, boot, blobs = built
-    with lazyfs.mount(boot, "--blob-dir", str(blobs)) as mnt:
+    with erofs_mount(lazyfs, boot, "--blob-dir", str(blobs)) as mnt:
         for dirpath, _, names in os.walk(mnt):  # stat, list and readlink everything: the kernel's business
             for name in names:
                 os.lstat(os.path.join(dirpath, name))
-        assert lazyfs.status(mnt)["bytes_fetched"] == 0
+        assert lazyfs.mount_status(mnt)["bytes_fetched"] == 0
         assert (mnt / "random-1.bin").read_bytes() == (src / "random-1.bin").read_bytes()
-        fetched = lazyfs.status(mnt)["bytes_fetched"]
+        fetched = lazyfs.mount_status(mnt)["bytes_fetched"]
         assert RANDOM_FILE <= fetched <= RANDOM_FILE + (1 << 20)  # its 3 chunks, plus at most a merge window
 
 
@@ -202,7 +139,7 @@ def test_dead_backend_gives_eio_then_recovers(lazyfs: Lazyfs, built: tuple[Path,
     src, boot, built_blobs = built
     blobs, moved = tmp_path / "blobs", tmp_path / "blobs-away"
     shutil.copytree(built_blobs, blobs)
-    with lazyfs.mount(boot, "--blob-dir", str(blobs), "--read-timeout", "2") as mnt:
+    with erofs_mount(lazyfs, boot, "--blob-dir", str(blobs), "--read-timeout", "2") as mnt:
         blobs.rename(moved)
         start = time.monotonic()
         with pytest.raises(OSError) as info:
@@ -210,12 +147,12 @@ def test_dead_backend_gives_eio_then_recovers(lazyfs: Lazyfs, built: tuple[Path,
         assert info.value.errno == errno.EIO and time.monotonic() - start < 15
         moved.rename(blobs)
         assert (mnt / "random-2.bin").read_bytes() == (src / "random-2.bin").read_bytes()
-        assert lazyfs.status(mnt)["reads"]["read_errors"] > 0
+        assert lazyfs.mount_status(mnt)["reads"]["read_errors"] > 0
 
 
 def test_external_unmount_stops_the_daemon(lazyfs: Lazyfs, built: tuple[Path, Path, Path]) -> None:
     _, boot, blobs = built
-    with lazyfs.mount(boot, "--blob-dir", str(blobs)) as mnt:
+    with erofs_mount(lazyfs, boot, "--blob-dir", str(blobs)) as mnt:
         assert (mnt / "a.txt").read_bytes() == b"hello\n"
         subprocess.run(["umount", str(mnt)], check=True)
         assert leftovers(lazyfs.root) == []  # the daemon noticed: devices unmounted, loops gone
@@ -229,7 +166,7 @@ def test_read_time_erofs_vs_fuse(built: tuple[Path, Path, Path], tmp_path: Path,
     src, boot, blobs = built
     times = {}
     for mode in ("erofs", "fuse"):
-        with Lazyfs(tmp_path / mode).mount(boot, "--blob-dir", str(blobs), mode=mode) as mnt:
+        with erofs_mount(Lazyfs(tmp_path / mode), boot, "--blob-dir", str(blobs), mode=mode) as mnt:
             times[mode] = (read_timed(mnt), read_timed(mnt))
             assert diff(snapshot(str(src)), snapshot(str(mnt))) == []
     with capsys.disabled():
