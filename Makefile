@@ -38,6 +38,8 @@ demo: deps venv
 bench: deps venv rootfs
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.convert
 	$(PY) -m bench.metadata
+	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.fuse_read
+	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.lazy_read
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

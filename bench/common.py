@@ -1,14 +1,19 @@
-"""Helpers shared by the benchmarks: timing child processes and locating inputs."""
+"""Helpers shared by the benchmarks: timing child processes, locating inputs, dropping caches and
+running `lazyfs mount`."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 LAZYFS = [sys.executable, "-m", "lazyfs.cli"]
@@ -57,3 +62,43 @@ def tree_bytes(path: Path) -> int:
             if not os.path.islink(os.path.join(dirpath, name)):
                 total += st.st_size
     return total
+
+
+def drop_caches() -> None:
+    """Write back dirty data, then drop the kernel's page, dentry and inode caches (root only)."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+class MountError(RuntimeError):
+    """`lazyfs mount` failed; the message holds its error output."""
+
+
+@contextlib.contextmanager
+def lazyfs_mount(source: str | Path, mountpoint: Path, *options: str) -> Iterator[float]:
+    """`lazyfs mount SOURCE MOUNTPOINT OPTIONS...`; yields the seconds until it returned (mount usable).
+
+    The mount is always taken down on exit, with ``umount -l`` when `lazyfs umount` fails. Set
+    ``LAZYFS_RUN_DIR`` first so that the daemons register in a private run dir.
+    """
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.run([*LAZYFS, "mount", str(source), str(mountpoint), *options], cwd=ROOT,
+                          capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    try:
+        if proc.returncode != 0:
+            raise MountError(proc.stderr.strip() or f"lazyfs mount exited with {proc.returncode}")
+        yield elapsed
+    finally:
+        umount = subprocess.run([*LAZYFS, "umount", str(mountpoint)], cwd=ROOT, capture_output=True)
+        if umount.returncode != 0 and os.path.ismount(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def lazyfs_status(mountpoint: Path) -> dict[str, Any]:
+    """The `lazyfs status --json` entry of the mount at *mountpoint*."""
+    out = subprocess.run([*LAZYFS, "status", "--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    wanted = str(mountpoint.resolve())
+    entry: dict[str, Any] = next(m for m in json.loads(out) if m["mountpoint"] == wanted)
+    return entry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 
 import lz4.block
 import zstandard
@@ -33,14 +34,27 @@ class Compressor(enum.IntEnum):
 
 
 _ZSTD_LEVEL = 3
-_zstd_c = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-_zstd_d = zstandard.ZstdDecompressor()
+_local = threading.local()  # zstandard (de)compressor objects must not be shared between threads
+
+
+def _zstd_compressor() -> zstandard.ZstdCompressor:
+    if not hasattr(_local, "compressor"):
+        _local.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    compressor: zstandard.ZstdCompressor = _local.compressor
+    return compressor
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    decompressor: zstandard.ZstdDecompressor = _local.decompressor
+    return decompressor
 
 
 def compress(algo: Compressor, data: bytes) -> bytes:
     """Compress *data*; the caller stores it raw when the result is not smaller."""
     if algo is Compressor.ZSTD:
-        return _zstd_c.compress(data)
+        return _zstd_compressor().compress(data)
     if algo is Compressor.LZ4_BLOCK:
         return bytes(lz4.block.compress(data, store_size=False))
     if algo is Compressor.NONE:
@@ -52,7 +66,7 @@ def decompress(algo: Compressor, data: bytes, size: int) -> bytes:
     """Decompress one chunk that must expand to exactly *size* bytes."""
     try:
         if algo is Compressor.ZSTD:
-            out = _zstd_d.decompress(data, max_output_size=size)
+            out = _zstd_decompressor().decompress(data, max_output_size=size)
         elif algo is Compressor.LZ4_BLOCK:
             out = lz4.block.decompress(data, uncompressed_size=size)
         elif algo is Compressor.NONE:

@@ -12,7 +12,7 @@ from lazyfs.errors import FormatError
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_ZSTD = zstandard.ZstdDecompressor()
+
 
 LayerStream = IO[bytes]
 """A readable binary stream of tar data; read it sequentially, e.g. ``tarfile.open(fileobj=s, mode="r|")``."""
@@ -40,7 +40,7 @@ def open_layer_tar(path: Path, media_type: str) -> LayerStream:
         return cast(IO[bytes], gzip.open(path, "rb"))
     if compression == "zstd":
         _expect_magic(magic, _ZSTD_MAGIC, path, compression)
-        return _ZSTD.stream_reader(path.open("rb"), read_across_frames=True, closefd=True)
+        return zstandard.ZstdDecompressor().stream_reader(path.open("rb"), read_across_frames=True, closefd=True)
     return path.open("rb")
 
 
