@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check lazyfs tests bench
+	$(VENV)/bin/ruff check lazyfs snapshotter tests bench
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -235,6 +235,30 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshotter(args: argparse.Namespace) -> int:
+    """Serve containerd's snapshots API on a unix socket (register it as a proxy plugin)."""
+    from snapshotter.server import load_config, serve
+
+    _log_to_stderr()
+    serve(load_config(args.config, root=args.root, address=args.address))
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """Register the lazyfs snapshotter in containerd's config."""
+    from snapshotter.server import DEFAULT_ADDRESS
+    from snapshotter.setup import DEFAULT_CONTAINERD_CONFIG, merged_containerd_config, write_containerd_config
+
+    config = Path(args.config) if args.config else DEFAULT_CONTAINERD_CONFIG
+    address = args.address or str(DEFAULT_ADDRESS)
+    if args.print:
+        print(merged_containerd_config(config, args.name, address), end="")
+        return 0
+    changed = write_containerd_config(config, args.name, address)
+    print(f"{'updated' if changed else 'unchanged'} {config}; restart containerd to apply")
+    return 0
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     text = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -317,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     p.add_argument("--limit", type=_size, default=0, help="gc: evict unused blobs until the cache fits (default 0)")
     p.add_argument("--json", action="store_true")
+
+    p = add("snapshotter", cmd_snapshotter, "Serve containerd's snapshots API (proxy plugin) on a unix socket.")
+    p.add_argument("--address", help="unix socket to listen on (default /run/lazyfs/snapshotter.sock)")
+    p.add_argument("--root", help="directory for snapshots and metadata (default /var/lib/lazyfs/snapshotter)")
+    p.add_argument("--config", help="TOML config file (settings: root, address); options override it")
+
+    p = add("setup", cmd_setup, "Configure another program to use lazyfs.")
+    p.add_argument("component", choices=["containerd"], help="containerd: proxy snapshotter plugin and CRI settings")
+    p.add_argument("--config", help="config file to edit (default /etc/containerd/config.toml)")
+    p.add_argument("--address", help="the snapshotter's socket (default /run/lazyfs/snapshotter.sock)")
+    p.add_argument("--name", default="lazyfs", help="proxy plugin name (CRI's snapshotter)")
+    p.add_argument("--print", action="store_true", help="print the resulting config instead of writing it")
     return parser
 
 

@@ -1,3 +1,3 @@
 """Shared pytest configuration: fixture modules are registered here, one per area."""
 
-pytest_plugins: list[str] = ["tests.registry_fixtures"]
+pytest_plugins: list[str] = ["tests.registry_fixtures", "tests.containerd_fixtures"]
