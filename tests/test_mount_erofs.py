@@ -66,6 +66,10 @@ class FakeSource:
             raise FetchError("backend down")
         return [bytes([ref.index + 1]) * ref.uncompressed_size for ref in refs]
 
+    async def read_ranges(self, blob: BlobInfo, spans: Sequence[tuple[ChunkRef, int, int]]) -> list[bytes]:
+        data = await self.get_chunks(blob, [ref for ref, _, _ in spans])
+        return [chunk[start:stop] for chunk, (_, start, stop) in zip(data, spans, strict=True)]
+
 
 async def test_device_reads_map_to_overlapping_chunks_with_zeros_between() -> None:
     blob = BlobInfo("b" * 64, 3, 8192, Compressor.NONE, Digester.SHA256, 0, 20000, 20481, Compressor.NONE, 0, 0, 0)

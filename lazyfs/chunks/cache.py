@@ -212,6 +212,16 @@ class BlobCache:
                 self._bitmap[pos] = new
                 self._ready += new.bit_count() - old.bit_count()
 
+    def read_range(self, ref: ChunkRef, start: int, stop: int) -> bytes | None:
+        """Bytes ``[start, stop)`` of a ready chunk (verified when it was stored), or None if not ready.
+
+        A plain pread of the page cache: this is the fast path of cached reads.
+        """
+        if not 0 <= start <= stop <= ref.uncompressed_size or not self.is_ready(ref.index):
+            return None
+        data = os.pread(self._data_fd, stop - start, ref.uncompressed_offset + start)
+        return data if len(data) == stop - start else None
+
     def read(self, ref: ChunkRef, *, verify_digest: bool = True) -> bytes:
         """The uncompressed data of a ready chunk, digest-checked unless *verify_digest* is false.
 

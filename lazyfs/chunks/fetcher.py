@@ -289,6 +289,26 @@ class ChunkFetcher:
             out.append(result)
         return out
 
+    async def read_ranges(self, blob: BlobInfo, spans: Sequence[tuple[ChunkRef, int, int]]) -> list[bytes]:
+        """Byte ranges ``(ref, start, stop)`` of chunks of *blob*, in order.
+
+        Cached chunks are read straight from the cache file, only the bytes asked for (their digest
+        was checked when they were stored); the others are fetched together, as :meth:`get_chunks` does.
+        """
+        state = self._state(blob, [ref for ref, _, _ in spans])
+        missing = [ref for ref, _, _ in spans if not state.cache.is_ready(ref.index)]
+        fetched = dict(zip([r.index for r in missing], await self.get_chunks(blob, missing), strict=True))
+        out = []
+        for ref, start, stop in spans:
+            data = fetched.get(ref.index)
+            piece = data[start:stop] if data is not None else state.cache.read_range(ref, start, stop)
+            if piece is None:  # invalidated since: fetch it again
+                piece = (await self.get_chunk(blob, ref))[start:stop]
+            elif data is None:
+                self.metrics.cache_hits += 1
+            out.append(piece)
+        return out
+
     async def _get(self, state: _BlobState, ref: ChunkRef, deadline: float) -> bytes:
         key = (state.blob.blob_id, ref.index)
         data = self._memory.get(key)

@@ -59,14 +59,22 @@ class BlobDevice:
         return [ref for ref in self.chunks[first:last] if ref.uncompressed_offset + ref.uncompressed_size > start]
 
 
-def assemble(start: int, end: int, refs: Sequence[ChunkRef], data: Sequence[bytes]) -> bytes:
-    """Bytes ``[start, end)`` of a device from the chunks overlapping it; zeros where none lies."""
+def spans(start: int, end: int, refs: Sequence[ChunkRef]) -> list[tuple[ChunkRef, int, int]]:
+    """The part of each chunk that device bytes ``[start, end)`` cover, as ``(ref, from, to)``."""
+    return [
+        (ref, max(start - ref.uncompressed_offset, 0), min(end - ref.uncompressed_offset, ref.uncompressed_size))
+        for ref in refs
+    ]
+
+
+def assemble(start: int, end: int, parts: Sequence[tuple[ChunkRef, int, int]], data: Sequence[bytes]) -> bytes:
+    """Bytes ``[start, end)`` of a device from the chunk pieces overlapping it; zeros where none lies."""
+    if len(parts) == 1 and parts[0][0].uncompressed_offset + parts[0][1] == start and len(data[0]) == end - start:
+        return data[0]
     out = bytearray(end - start)
-    for ref, chunk in zip(refs, data, strict=True):
-        lo = max(start, ref.uncompressed_offset)
-        hi = min(end, ref.uncompressed_offset + len(chunk))
-        if lo < hi:
-            out[lo - start : hi - start] = chunk[lo - ref.uncompressed_offset : hi - ref.uncompressed_offset]
+    for (ref, lo, _), piece in zip(parts, data, strict=True):
+        at = ref.uncompressed_offset + lo - start
+        out[at : at + len(piece)] = piece
     return bytes(out)
 
 
@@ -139,16 +147,16 @@ class BlobDevicesFilesystem(pyfuse3.Operations):
         end = min(off + size, device.size)
         if off >= end:
             return b""
-        refs = device.overlapping(off, end)
+        parts = spans(off, end, device.overlapping(off, end))
         try:
-            data = await self.source.get_chunks(device.blob, refs) if refs else []
+            data = await self.source.read_ranges(device.blob, parts) if parts else []
         except LazyfsError as exc:
             self.stats.read_errors += 1
             log.error("event=read_failed blob=%s offset=%d size=%d error=%s", device.blob.blob_id, off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         self.stats.reads += 1
         self.stats.read_bytes += end - off
-        return assemble(off, end, refs, data)
+        return assemble(off, end, parts, data)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()

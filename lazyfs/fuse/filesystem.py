@@ -31,7 +31,11 @@ class ChunkSource(Protocol):
     """Where verified, uncompressed chunk data comes from (the fetcher and its cache)."""
 
     async def get_chunks(self, blob: BlobInfo, refs: Sequence[ChunkRef]) -> list[bytes]:
-        """The data of *refs*, all in *blob*, in order; raises LazyfsError when it cannot."""
+        """The whole data of *refs*, all in *blob*, in order; raises LazyfsError when it cannot."""
+        ...
+
+    async def read_ranges(self, blob: BlobInfo, spans: Sequence[tuple[ChunkRef, int, int]]) -> list[bytes]:
+        """Bytes ``[start, stop)`` of each chunk in *spans*, all in *blob*; raises LazyfsError when it cannot."""
         ...
 
 
@@ -190,16 +194,16 @@ class RafsFilesystem(pyfuse3.Operations):
             return b""
         chunk_size = self.boot.sb.chunk_size
         first, last = off // chunk_size, (end - 1) // chunk_size
-        wanted = handle.chunks[first : last + 1]
+        spans = [
+            (ref, max(off - k * chunk_size, 0), min(end - k * chunk_size, ref.uncompressed_size))
+            for k, ref in enumerate(handle.chunks[first : last + 1], first)
+        ]
         try:
-            data = await self._fetch(wanted)
+            out = b"".join(await self._read_spans(spans))
         except LazyfsError as exc:
             self.stats.read_errors += 1
             log.error("event=read_failed nid=%d offset=%d size=%d error=%s", handle.info.nid, off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        joined = b"".join(data)
-        start = off - first * chunk_size
-        out = joined[start : start + end - off]
         self.stats.reads += 1
         self.stats.read_bytes += len(out)
         self._read_ahead(handle, off, end, last)
@@ -220,19 +224,20 @@ class RafsFilesystem(pyfuse3.Operations):
 
     async def _prefetch_quietly(self, refs: list[ChunkRef]) -> None:
         try:
-            await self._fetch(refs)
+            await self._read_spans([(ref, 0, 0) for ref in refs])
         except LazyfsError as exc:  # the reader itself will get EIO if it gets there
             log.info("event=readahead_failed error=%s", exc)
 
-    async def _fetch(self, refs: list[ChunkRef]) -> list[bytes]:
-        """Chunks in order, asking the source once per run of chunks from the same blob."""
+    async def _read_spans(self, spans: list[tuple[ChunkRef, int, int]]) -> list[bytes]:
+        """Chunk byte ranges in order, asking the source once per run of chunks from the same blob."""
         out: list[bytes] = []
         start = 0
-        while start < len(refs):
+        while start < len(spans):
+            blob_index = spans[start][0].blob_index
             stop = start
-            while stop < len(refs) and refs[stop].blob_index == refs[start].blob_index:
+            while stop < len(spans) and spans[stop][0].blob_index == blob_index:
                 stop += 1
-            out += await self.source.get_chunks(self.boot.blobs[refs[start].blob_index], refs[start:stop])
+            out += await self.source.read_ranges(self.boot.blobs[blob_index], spans[start:stop])
             start = stop
         return out
 
