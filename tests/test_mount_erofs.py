@@ -176,3 +176,17 @@ def test_read_time_erofs_vs_fuse(built: tuple[Path, Path, Path], tmp_path: Path,
     with capsys.disabled():
         print("\nwhole rich tree (walker, sha256 of every file): "
               + "; ".join(f"{mode} cold {cold:.2f} s, warm {warm:.2f} s" for mode, (cold, warm) in times.items()))
+
+
+def test_complete_cache_is_the_device_itself(lazyfs: Lazyfs, built: tuple[Path, Path, Path]) -> None:
+    src, boot, blobs = built
+    with erofs_mount(lazyfs, boot, "--blob-dir", str(blobs), "--prefetch-all", mode="fuse") as mnt:
+        deadline = time.monotonic() + 30
+        while lazyfs.mount_status(mnt)["prefetching"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    with erofs_mount(lazyfs, boot, "--blob-dir", str(blobs)) as mnt:
+        cache = os.path.realpath(lazyfs.cache) + "/"
+        backing = [p.read_text().strip() for p in Path("/sys/block").glob("loop*/loop/backing_file")]
+        assert any(b.startswith(cache) and b.endswith(".blob.data") for b in backing)
+        assert diff(snapshot(src), snapshot(mnt)) == []
+        assert lazyfs.mount_status(mnt)["bytes_fetched"] == 0

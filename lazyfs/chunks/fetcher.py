@@ -22,11 +22,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from lazyfs.chunks.backends import Backend, BackendError
-from lazyfs.chunks.cache import BlobCache, CacheManager, CacheMiss, check_chunk
+from lazyfs.chunks.cache import BlobCache, CacheManager, CacheMiss, blob_files, check_chunk
 from lazyfs.chunks.codec import decompress
 from lazyfs.chunks.digest import verify
 from lazyfs.errors import DigestMismatch, FormatError, LazyfsError
@@ -247,6 +248,16 @@ class ChunkFetcher:
                 state.cache.close()
                 self._manager.release(state.blob.blob_id, self.owner)
         self._blobs.clear()
+
+    def complete_file(self, blob: BlobInfo) -> Path | None:
+        """The cache's ``<blob_id>.blob.data`` once it holds every chunk of *blob*, else None.
+
+        A complete file is exactly a kernel EROFS device for the blob: no daemon in the data path.
+        """
+        state = self._state(blob, ())
+        if state.cache.ready_count() < blob.chunk_count:
+            return None
+        return blob_files(self._manager.cache_dir, blob.blob_id)[0]
 
     def _state(self, blob: BlobInfo, refs: Iterable[ChunkRef]) -> _BlobState:
         """The registered state of *blob*, after checking that *refs* lie inside it."""
