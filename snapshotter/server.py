@@ -25,7 +25,8 @@ import grpc
 from lazyfs.errors import LazyfsError
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from snapshotter.log import fields, log
-from snapshotter.overlay import Layout, OverlayBackend
+from snapshotter.nydus import LazyOptions, NydusBackend
+from snapshotter.overlay import Layout
 from snapshotter.service import SnapshotService
 from snapshotter.store import Store
 
@@ -39,14 +40,19 @@ WORKERS = 16
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Where the snapshotter keeps its state and where it listens."""
+    """Where the snapshotter keeps its state, where it listens, and how it mounts Nydus images."""
 
     root: Path = DEFAULT_ROOT
     address: Path = DEFAULT_ADDRESS
+    lazy: LazyOptions = dataclasses.field(default_factory=LazyOptions)
 
 
 def load_config(path: str | None, root: str | None = None, address: str | None = None) -> Config:
-    """The config file at *path* (if any) with *root* and *address* overriding it."""
+    """The config file at *path* (if any) with *root* and *address* overriding it.
+
+    Settings: ``root``, ``address``, and in ``[lazyfs]``: ``mode`` (fuse | erofs), ``cache_dir``,
+    ``plain_http`` (registries reached over HTTP, e.g. ``["127.0.0.1:5000"]``).
+    """
     values: dict[str, object] = {}
     if path is not None:
         with open(path, "rb") as file:
@@ -54,22 +60,38 @@ def load_config(path: str | None, root: str | None = None, address: str | None =
                 values = tomllib.load(file)
             except tomllib.TOMLDecodeError as exc:
                 raise LazyfsError(f"config {path}: {exc}") from None
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
+        unknown = sorted(set(values) - {"root", "address", "lazyfs"})
         if unknown:
             raise LazyfsError(f"config {path}: unknown setting(s): {', '.join(unknown)}")
     overrides = {"root": root, "address": address}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for name, value in values.items():
+    paths = {name: values.get(name) for name in ("root", "address") if name in values}
+    for name, value in paths.items():
         if not isinstance(value, str) or not value:
             raise LazyfsError(f"config: {name} must be a non-empty path string")
-    return Config(**{name: Path(str(value)) for name, value in values.items()})
+    return Config(**{name: Path(str(value)) for name, value in paths.items()},
+                  lazy=_lazy_options(values.get("lazyfs", {})))
 
 
-def build_service(root: Path) -> SnapshotService:
-    """The snapshots service for *root*: SQLite metadata, overlay layout, plain overlay backend."""
+def _lazy_options(section: object) -> LazyOptions:
+    if not isinstance(section, dict) or set(section) - {"mode", "cache_dir", "plain_http"}:
+        raise LazyfsError("config [lazyfs]: expected only mode, cache_dir and plain_http")
+    mode = section.get("mode", "fuse")
+    plain = section.get("plain_http", [])
+    cache = section.get("cache_dir")
+    if mode not in ("fuse", "erofs") or not isinstance(plain, list) or not all(isinstance(h, str) for h in plain):
+        raise LazyfsError("config [lazyfs]: mode must be fuse or erofs, plain_http a list of registry hosts")
+    if cache is not None and not isinstance(cache, str):
+        raise LazyfsError("config [lazyfs]: cache_dir must be a path string")
+    return LazyOptions(mode, Path(cache) if cache else None, tuple(plain))
+
+
+def build_service(root: Path, lazy: LazyOptions | None = None) -> SnapshotService:
+    """The snapshots service for *root*: SQLite metadata, overlay layout, lazy Nydus backend."""
     layout = Layout(root)
     layout.purge()
-    return SnapshotService(Store(root / "metadata.db"), layout, OverlayBackend(layout))
+    store = Store(root / "metadata.db")
+    return SnapshotService(store, layout, NydusBackend(layout, store, lazy or LazyOptions()))
 
 
 def serve(config: Config) -> None:
@@ -79,7 +101,7 @@ def serve(config: Config) -> None:
         signal.signal(signum, lambda *_: stop.set())
     with _root_lock(config.root):
         _claim_socket(config.address)
-        with _listening(config, build_service(config.root)) as server:
+        with _listening(config, build_service(config.root, config.lazy)) as server:
             stop.wait()
             log.info("%s", fields(event="stopping", grace=STOP_GRACE_SECONDS))
             server.stop(STOP_GRACE_SECONDS).wait()

@@ -258,10 +258,12 @@ def _kernel_mount(daemon: MountDaemon, bootstrap: Path, devices: Path) -> Abstra
     """In erofs mode, the kernel EROFS mount over the device files in *devices*; nothing in fuse mode."""
     if daemon.opts.mode != "erofs":
         return nullcontext()
-    files = [daemon.fetcher.complete_file(blob) or devices / device_name(blob) for blob in daemon.boot.blobs]
+    complete = {blob.blob_id: daemon.fetcher.complete_file(blob) for blob in daemon.boot.blobs}
+    files = [complete[blob.blob_id] or devices / device_name(blob) for blob in daemon.boot.blobs]
     for blob, path in zip(daemon.boot.blobs, files, strict=True):
         log.info("event=blob_device mount=%s blob=%s device=%s", daemon.id, blob.blob_id, path)
-    return kernel_mount.erofs_mount(bootstrap, files, daemon.opts.mountpoint)
+    cached = [path for path in complete.values() if path is not None]
+    return kernel_mount.erofs_mount(bootstrap, files, daemon.opts.mountpoint, buffered=cached)
 
 
 async def _fuse_main(done: trio.CancelScope) -> None:
