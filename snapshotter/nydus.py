@@ -44,7 +44,7 @@ class LazyOptions:
 
     mode: str = "fuse"  # lazyfs mount mode: fuse | erofs
     cache_dir: Path | None = None  # lazyfs chunk cache (its default when None)
-    plain_http: tuple[str, ...] = ()  # registries (host or host:port) reached over plain HTTP
+    plain_http: tuple[str, ...] = ()  # registries (host:port, or host for any port) reached over plain HTTP
 
 
 class NydusBackend:
@@ -108,7 +108,8 @@ class NydusBackend:
         args = [str(bootstrap), str(mountpoint), "--image", image, "--mode", self.options.mode]
         if self.options.cache_dir is not None:
             args += ["--cache-dir", str(self.options.cache_dir)]
-        if ImageReference.parse(image).registry in self.options.plain_http:
+        registry = ImageReference.parse(image).registry
+        if registry in self.options.plain_http or registry.rsplit(":", 1)[0] in self.options.plain_http:
             args.append("--plain-http")
         self._lazyfs("mount", *args)
         log.info("%s", fields(event="mounted", snapshot=meta.id, image=image, mountpoint=mountpoint))

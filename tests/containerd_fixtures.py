@@ -6,7 +6,8 @@ Fixtures:
 - ``containerd``: containerd (Debian's, 1.6) with a private root, state and sockets and a random
   namespace, registering that snapshotter as proxy plugin ``lazyfs`` (config written by
   ``snapshotter.setup``, so CRI's snapshotter is ``lazyfs`` with snapshot annotations on; no CNI).
-  :meth:`Containerd.ctr` runs ``ctr -a SOCK -n NS ...``.
+  :meth:`Containerd.ctr` runs ``ctr -a SOCK -n NS ...``; CRI (on the same socket) uses namespace
+  :data:`CRI_NAMESPACE`, whose tasks and containers teardown removes too.
 
 Every run uses a fresh ``/tmp/lzct-*`` directory (short enough for unix socket paths) and random names,
 so parallel runs do not collide. Teardown kills tasks, stops containerd and its shims, stops the
@@ -37,6 +38,7 @@ from snapshotter.overlay import mountpoints_under
 from snapshotter.setup import configure_containerd
 
 PROXY_NAME = "lazyfs"
+CRI_NAMESPACE = "k8s.io"  # where containerd's CRI plugin keeps images and containers
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _START_TIMEOUT = 20.0
 _RUNC_STATE = Path("/run/containerd/runc")  # the runc v2 shim keeps container state in <this>/<namespace>
@@ -80,13 +82,18 @@ class SnapshotterProcess:
     address: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    config: Path | None = None
+    run_dir: Path | None = None  # LAZYFS_RUN_DIR of the lazyfs mounts it starts
 
     def start(self) -> None:
         """Start the server; return once its socket accepts connections."""
         command = [sys.executable, "-m", "lazyfs.cli", "snapshotter", "--address", str(self.address),
                    "--root", str(self.root)]
+        if self.config is not None:
+            command += ["--config", str(self.config)]
+        env = {**os.environ, "LAZYFS_RUN_DIR": str(self.run_dir)} if self.run_dir else None
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO_ROOT)
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO_ROOT, env=env)
         _wait_for_socket(self.address, self.process, self.log_path, "lazyfs snapshotter")
 
     def stop(self) -> int | None:
@@ -165,9 +172,11 @@ state = "{self.state}"
                                             env=env, start_new_session=True)
         _wait_for_socket(self.address, self.process, self.log_path, "containerd")
 
-    def ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """``ctr -a SOCK -n NS ARGS``; fails with both logs when *check* and the command fails."""
-        command = ["ctr", "-a", str(self.address), "-n", self.namespace, *args]
+    def ctr(self, *args: str, check: bool = True, timeout: float = 60,
+            namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``ctr -a SOCK -n NS ARGS`` (NS: *namespace* or the test's); fails with both logs when *check* and
+        the command fails."""
+        command = ["ctr", "-a", str(self.address), "-n", namespace or self.namespace, *args]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}\n"
@@ -178,19 +187,20 @@ state = "{self.state}"
     def stop(self) -> None:
         """Kill and delete every task and container, stop containerd, then any shim it left behind."""
         if self.process is not None and self.process.poll() is None:
-            for task in self._ids("tasks"):
-                self.ctr("tasks", "delete", "--force", task, check=False, timeout=20)
-            for container in self._ids("containers"):
-                self.ctr("containers", "delete", container, check=False, timeout=20)
+            for namespace in (self.namespace, CRI_NAMESPACE):
+                for task in self._ids("tasks", namespace):
+                    self.ctr("tasks", "delete", "--force", task, check=False, timeout=20, namespace=namespace)
+                for container in self._ids("containers", namespace):
+                    self.ctr("containers", "delete", container, check=False, timeout=20, namespace=namespace)
         _stop(self.process)
         self.process = None
         _kill_shims(self.address)
         _remove_runc_state(self.namespace)
         _remove_cgroups(self.namespace)
 
-    def _ids(self, kind: str) -> list[str]:
+    def _ids(self, kind: str, namespace: str) -> list[str]:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            return self.ctr(kind, "ls", "-q", check=False, timeout=20).stdout.split()
+            return self.ctr(kind, "ls", "-q", check=False, timeout=20, namespace=namespace).stdout.split()
         return []
 
 
@@ -246,9 +256,14 @@ def private_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def snapshotter(private_dir: Path) -> Iterator[SnapshotterProcess]:
-    """A running ``lazyfs snapshotter`` with a private socket and root."""
+    """A running ``lazyfs snapshotter`` with a private socket, root, chunk cache and run dir.
+
+    Nydus images are mounted lazily from registries on 127.0.0.1, reached over plain HTTP.
+    """
+    config = private_dir / "snapshotter.toml"
+    config.write_text(f'[lazyfs]\nmode = "fuse"\ncache_dir = "{private_dir / "cache"}"\nplain_http = ["127.0.0.1"]\n')
     server = SnapshotterProcess(private_dir / "snapshotter-root", private_dir / "snapshotter.sock",
-                                private_dir / "snapshotter.log")
+                                private_dir / "snapshotter.log", config=config, run_dir=private_dir / "run")
     try:
         server.start()
         yield server
