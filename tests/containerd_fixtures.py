@@ -197,6 +197,9 @@ state = "{self.state}"
         _kill_shims(self.address)
         _remove_runc_state(self.namespace)
         _remove_cgroups(self.namespace)
+        _remove_cgroups(CRI_NAMESPACE)  # only empty ones: other containerds may be using this namespace
+        with contextlib.suppress(OSError):
+            (_RUNC_STATE / CRI_NAMESPACE).rmdir()  # likewise, only if empty
 
     def _ids(self, kind: str, namespace: str) -> list[str]:
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -1,0 +1,1 @@
+"""A minimal CRI client for tests (runtime.v1 over containerd's socket)."""
