@@ -24,6 +24,8 @@ from lazyfs.rafs.tree import Tree
 if TYPE_CHECKING:
     from lazyfs.fuse.daemon import MountOptions
     from lazyfs.registry.client import RegistryClient
+    from lazyfs.registry.reference import ImageReference
+    from snapshotter.containerd_client import Containerd
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -259,6 +261,28 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    """Pull an image into containerd, unpacked through a snapshotter that may serve layers lazily."""
+    from lazyfs.registry.reference import ImageReference
+    from snapshotter.containerd_client import Containerd
+
+    ref = ImageReference.parse(args.ref)
+    with Containerd(Path(args.address), args.namespace) as containerd:
+        containerd.connect()
+        return trio.run(_image_pull, args, ref, containerd)
+
+
+async def _image_pull(args: argparse.Namespace, ref: ImageReference, containerd: Containerd) -> int:
+    from snapshotter.pull import pull_image
+
+    async with _client(args, args.ref) as registry:
+        result = await pull_image(registry, containerd, ref, snapshotter=args.snapshotter, platform=args.platform,
+                                  progress=Progress())
+    counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(result.outcomes.items()))
+    print(f"{result.name}@{result.manifest_digest}: unpacked into {args.snapshotter} ({counts or 'no layers'})")
+    return 0
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     text = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -353,6 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="the snapshotter's socket (default /run/lazyfs/snapshotter.sock)")
     p.add_argument("--name", default="lazyfs", help="proxy plugin name (CRI's snapshotter)")
     p.add_argument("--print", action="store_true", help="print the resulting config instead of writing it")
+
+    p = add("image", cmd_image, "Work with images in containerd.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("pull", help="pull an image and unpack it through a snapshotter; Nydus layers stay "
+                           "remote with the lazyfs snapshotter (ctr-remote rpull's job)")
+    p.add_argument("ref", metavar="REF", help="image reference, e.g. 127.0.0.1:5000/app:1")
+    p.add_argument("--address", default="/run/containerd/containerd.sock",
+                   help="containerd's gRPC socket (default /run/containerd/containerd.sock)")
+    p.add_argument("--namespace", default=os.environ.get("CONTAINERD_NAMESPACE", "default"),
+                   help="containerd namespace (default: $CONTAINERD_NAMESPACE or default)")
+    p.add_argument("--snapshotter", default="lazyfs", help="snapshotter (proxy plugin name) to unpack into")
+    _registry_options(p)
     return parser
 
 

@@ -38,6 +38,7 @@ from lazyfs.rafs.reader import Bootstrap
 from lazyfs.rafs.tree import ChunkRef
 
 log = logging.getLogger(__name__)
+FUSE_READAHEAD_KB = 4096  # the kernel's 128 KiB default makes sequential reads many small FUSE round trips
 READAHEAD_CHUNKS = 2  # fetched ahead of a sequential reader in fuse mode (the kernel reads ahead in erofs mode)
 FUSE_OPTIONS = frozenset({"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions", "allow_other"})
 DEVICES_OPTIONS = frozenset({"fsname=lazyfs-devices", "subtype=lazyfs", "ro"})  # root only: loops run as root
@@ -222,6 +223,8 @@ async def _serve(daemon: MountDaemon, ready: Callable[[], None], bootstrap: Path
     try:
         async with trio.open_nursery() as inner:
             inner.start_soon(_fuse_main, inner.cancel_scope)
+            if isinstance(fs, RafsFilesystem):
+                inner.start_soon(set_readahead, fs, target, FUSE_READAHEAD_KB)
             await inner.start(daemon.api().serve, daemon.record.socket)
             inner.start_soon(_watch_signals, daemon)
             async with _kernel_mount(daemon, bootstrap, target):
@@ -238,6 +241,35 @@ async def _serve(daemon: MountDaemon, ready: Callable[[], None], bootstrap: Path
         (daemon.record.folder / "mount.json").unlink(missing_ok=True)
         daemon.nursery.cancel_scope.cancel()
         log.info("event=unmounted mount=%s", daemon.id)
+
+
+async def set_readahead(fs: RafsFilesystem, mountpoint: Path, kib: int) -> None:
+    """Raise the kernel readahead of the FUSE mount at *mountpoint* (best effort).
+
+    The kernel caps readahead when it gets the FUSE INIT reply, so this waits until INIT was handled
+    and the reply is through. The device number comes from /proc/self/mountinfo: a stat of the
+    mountpoint would be a FUSE request. *mountpoint* is already absolute.
+    """
+    await fs.initialized.wait()
+    bdi = _bdi(mountpoint)
+    for _ in range(50):
+        await trio.sleep(0.02)
+        try:
+            bdi.write_text(f"{kib}\n")
+            if int(bdi.read_text()) == kib:
+                log.info("event=readahead mountpoint=%s kib=%d", mountpoint, kib)
+                return
+        except (OSError, ValueError) as exc:
+            log.info("event=readahead_unchanged mountpoint=%s error=%s", mountpoint, exc)
+            return
+
+
+def _bdi(mountpoint: Path) -> Path:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4].replace("\\040", " ") == str(mountpoint):
+            return Path("/sys/class/bdi") / fields[2] / "read_ahead_kb"
+    return Path("/nonexistent")
 
 
 def _filesystem(daemon: MountDaemon) -> tuple[pyfuse3.Operations, Path, set[str]]:

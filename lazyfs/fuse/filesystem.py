@@ -60,6 +60,11 @@ class RafsFilesystem(pyfuse3.Operations):
         self.source = source
         self.stats = stats or ReadStats()
         self.readahead = readahead
+        self.initialized = trio.Event()  # set once the kernel's FUSE INIT is handled
+
+    def init(self) -> None:
+        """FUSE INIT arrived: settings the kernel derives from it (e.g. readahead) are final after this."""
+        self.initialized.set()
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
 
