@@ -100,21 +100,20 @@ def py_import(root: Path) -> float:
 
 
 def measure(root: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Every test on the tree at *root*, each from a cold page cache."""
+    """Every test on the tree at *root*, each from a cold page cache; the median of ``--runs`` runs."""
     probes: dict[str, Callable[[], float]] = {
         "seq": lambda: seq_read(root),
         "rand": lambda: rand_read(root, args.random_reads, args.seed),
         "tar": lambda: tar_tree(root),
+        "import": lambda: py_import(root),
     }
     out = {}
     for key, probe in probes.items():
-        drop_caches()
-        out[key] = probe()
-    runs = []
-    for _ in range(args.imports):
-        drop_caches()
-        runs.append(py_import(root))
-    out["import"] = statistics.median(runs)
+        runs = []
+        for _ in range(args.runs):
+            drop_caches()
+            runs.append(probe())
+        out[key] = statistics.median(runs)
     return out
 
 
@@ -231,7 +230,7 @@ def main() -> None:
     parser.add_argument("--big-mb", type=int, default=512, help="size of the big file in MiB")
     parser.add_argument("--random-reads", type=int, default=20000, help="random 4 KiB reads per contender")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random read offsets")
-    parser.add_argument("--imports", type=int, default=3, help="python import runs per contender (median)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each test per contender (median)")
     parser.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"],
                         help="blob compression (cached reads never decompress; it only changes the warm-up)")
     parser.add_argument("--warm-timeout", type=float, default=300.0, help="seconds allowed to fill the cache")
