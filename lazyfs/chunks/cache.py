@@ -212,6 +212,13 @@ class BlobCache:
                 self._bitmap[pos] = new
                 self._ready += new.bit_count() - old.bit_count()
 
+    def advise(self, ref: ChunkRef) -> bool:
+        """Ask the kernel to start reading a ready chunk into the page cache; False if not ready."""
+        if not self.is_ready(ref.index):
+            return False
+        os.posix_fadvise(self._data_fd, ref.uncompressed_offset, ref.uncompressed_size, os.POSIX_FADV_WILLNEED)
+        return True
+
     def read_range(self, ref: ChunkRef, start: int, stop: int) -> bytes | None:
         """Bytes ``[start, stop)`` of a ready chunk (verified when it was stored), or None if not ready.
 

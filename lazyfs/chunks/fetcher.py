@@ -320,6 +320,13 @@ class ChunkFetcher:
             out.append(piece)
         return out
 
+    async def read_ahead(self, blob: BlobInfo, refs: Sequence[ChunkRef]) -> None:
+        """Get *refs* ready for a sequential reader: cached ones into the page cache, the rest fetched."""
+        state = self._state(blob, refs)
+        missing = [ref for ref in refs if not state.cache.advise(ref)]
+        if missing:
+            await self.get_chunks(blob, missing)
+
     async def _get(self, state: _BlobState, ref: ChunkRef, deadline: float) -> bytes:
         key = (state.blob.blob_id, ref.index)
         data = self._memory.get(key)

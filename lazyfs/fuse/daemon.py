@@ -39,7 +39,7 @@ from lazyfs.rafs.tree import ChunkRef
 
 log = logging.getLogger(__name__)
 FUSE_READAHEAD_KB = 4096  # the kernel's 128 KiB default makes sequential reads many small FUSE round trips
-READAHEAD_CHUNKS = 2  # fetched ahead of a sequential reader in fuse mode (the kernel reads ahead in erofs mode)
+READAHEAD_CHUNKS = 4  # fetched ahead of a sequential reader in fuse mode (the kernel reads ahead in erofs mode)
 FUSE_OPTIONS = frozenset({"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions", "allow_other"})
 DEVICES_OPTIONS = frozenset({"fsname=lazyfs-devices", "subtype=lazyfs", "ro"})  # root only: loops run as root
 

@@ -38,6 +38,10 @@ class ChunkSource(Protocol):
         """Bytes ``[start, stop)`` of each chunk in *spans*, all in *blob*; raises LazyfsError when it cannot."""
         ...
 
+    async def read_ahead(self, blob: BlobInfo, refs: Sequence[ChunkRef]) -> None:
+        """Get *refs* ready for a sequential reader (fetch them, or warm the page cache)."""
+        ...
+
 
 @dataclass
 class _OpenFile:
@@ -229,7 +233,8 @@ class RafsFilesystem(pyfuse3.Operations):
 
     async def _prefetch_quietly(self, refs: list[ChunkRef]) -> None:
         try:
-            await self._read_spans([(ref, 0, 0) for ref in refs])
+            for ref in refs:
+                await self.source.read_ahead(self.boot.blobs[ref.blob_index], [ref])
         except LazyfsError as exc:  # the reader itself will get EIO if it gets there
             log.info("event=readahead_failed error=%s", exc)
 
