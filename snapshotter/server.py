@@ -87,11 +87,13 @@ def _lazy_options(section: object) -> LazyOptions:
 
 
 def build_service(root: Path, lazy: LazyOptions | None = None) -> SnapshotService:
-    """The snapshots service for *root*: SQLite metadata, overlay layout, lazy Nydus backend."""
+    """The snapshots service for *root*: SQLite metadata, overlay layout, lazy Nydus backend (recovered)."""
     layout = Layout(root)
     layout.purge()
     store = Store(root / "metadata.db")
-    return SnapshotService(store, layout, NydusBackend(layout, store, lazy or LazyOptions()))
+    backend = NydusBackend(layout, store, lazy or LazyOptions())
+    backend.recover()
+    return SnapshotService(store, layout, backend)
 
 
 def serve(config: Config) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from lazyfs.convert.converter import convert_image, read_small_blob
 from lazyfs.convert.nydus_image import LABEL_NYDUS_BLOB
+from lazyfs.fuse.records import load_records
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from tests.containerd_fixtures import SnapshotterProcess
@@ -137,6 +139,32 @@ async def test_snapshotter_restart_adopts_the_image_mount(registry: RegistryServ
             assert list(second.mounts[0].options)[-1] == list(first.mounts[0].options)[-1]  # same image mount
             with mounted(list(second.mounts), tmp_path / "c2") as again:
                 assert (again / "app" / "config.json").read_text() == '{"x": 1}\n'
+
+
+async def test_snapshotter_start_remounts_a_dead_image_mount(registry: RegistryServer,
+                                                             snapshotter: SnapshotterProcess, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounts need root")
+    monkeypatch.setenv("LAZYFS_RUN_DIR", str(snapshotter.run_dir))  # where load_records() looks
+    ref = await _image(registry)
+    with snapshotter.client() as stub:
+        chain = await unpack(stub, registry, ref, tmp_path)
+        stub.Prepare(pb.PrepareSnapshotRequest(key="c1", parent=chain[-1]))
+    snapshotter.stop()
+    (dead,) = load_records()
+    os.kill(dead.pid, signal.SIGKILL)
+
+    snapshotter.start()  # recovers before it serves: no Prepare or Mounts needed
+    (record,) = load_records()
+    assert record.pid != dead.pid and record.alive() and os.path.ismount(record.mountpoint)
+    assert "event=remounted" in snapshotter.log_path.read_text()
+    with snapshotter.client() as stub:
+        second = stub.Prepare(pb.PrepareSnapshotRequest(key="c2", parent=chain[-1]))
+    with mounted(list(second.mounts), tmp_path / "c2") as rootfs:
+        assert (rootfs / "etc" / "passwd").read_text() == PASSWD
+    snapshotter.restart()
+    assert "event=adopted" in snapshotter.log_path.read_text() and load_records() == [record]
 
 
 async def test_missing_image_ref_is_a_clear_error(registry: RegistryServer, snapshotter: SnapshotterProcess,
