@@ -11,6 +11,7 @@ EROFS driver mounts the bootstrap over loop devices on them (:mod:`lazyfs.fuse.k
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -117,8 +118,6 @@ class MountDaemon:
         return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
 
     async def _prefetch(self, body: bytes) -> Reply:
-        import json
-
         try:
             request = json.loads(body or b"{}")
             paths = [os.fsencode(p) for p in request.get("paths", [])]
