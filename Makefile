@@ -40,6 +40,7 @@ bench: deps venv rootfs
 	$(PY) -m bench.metadata
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.fuse_read
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.lazy_read
+	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.cold_start --json /tmp/lazyfs-cold-start.json --png /tmp/lazyfs-cold-start.png
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -73,18 +73,18 @@ def main() -> None:
               f"{conv.seconds:.1f} s, peak RSS {conv.peak_rss_mb:.0f} MB (target < 300 MB)")
 
 
-async def push_layer_image(host: str, layer: Path) -> str:
-    """Push a one-layer image made of the gzip'ed *layer* tar; return its reference."""
+async def push_layer_image(host: str, layer: Path, repo: str = "bench/src") -> str:
+    """Push a one-layer image made of the gzip'ed *layer* tar to *repo* (tag 1); return its reference."""
     gz = layer.with_suffix(".tar.gz")
     with layer.open("rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     async with RegistryClient(host, plain_http=True, docker_config=False) as client:
-        layer_digest = await client.push_blob("bench/src", gz)
+        layer_digest = await client.push_blob(repo, gz)
         config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
             "type": "layers", "diff_ids": ["sha256:" + sha256_file(layer)]}}).encode()
-        config_desc = Descriptor(OCI_CONFIG, await client.push_blob("bench/src", config), len(config))
+        config_desc = Descriptor(OCI_CONFIG, await client.push_blob(repo, config), len(config))
         manifest = build_manifest(config_desc, [Descriptor(OCI_LAYER_GZIP, layer_digest, gz.stat().st_size)])
-        ref = f"{host}/bench/src:1"
+        ref = f"{host}/{repo}:1"
         await client.put_manifest(ref, manifest, OCI_MANIFEST)
     return ref
 

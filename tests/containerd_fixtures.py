@@ -111,7 +111,7 @@ class SnapshotterProcess:
     def client(self) -> Iterator[snapshots_pb2_grpc.SnapshotsStub]:
         """A snapshots API stub on a fresh channel to the server."""
         with grpc.insecure_channel(f"unix:{self.address}") as channel:
-            yield snapshots_pb2_grpc.SnapshotsStub(channel)
+            yield snapshots_pb2_grpc.SnapshotsStub(channel)  # type: ignore[no-untyped-call]
 
 
 @dataclasses.dataclass
