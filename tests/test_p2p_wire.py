@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from p2p import vortex
 from p2p.pieces import piece_digest, piece_length, pieces, verify_piece
-from p2p.taskid import blob_digest_task_id, content_task_id, normalize_url, task_id
+from p2p.taskid import blob_digest_task_id, content_task_id, host_id, normalize_url, peer_id, task_id
 
 
 def test_task_id_vectors_from_the_rust_client() -> None:
@@ -77,3 +77,11 @@ def test_vortex_parsers_reject_garbage_cleanly(data: bytes) -> None:
         with contextlib.suppress(vortex.VortexError):
             parse(data)
     assert isinstance(vortex.parse_error(data), vortex.VortexError)
+
+
+def test_host_and_peer_ids() -> None:
+    assert host_id("10.0.0.2", "node-a") == "10.0.0.2-node-a"
+    assert host_id("10.0.0.2", "node-a", seed=True) == "10.0.0.2-node-a-seed"
+    first, second = peer_id("10.0.0.2", "node-a"), peer_id("10.0.0.2", "node-a")
+    assert first.startswith("10.0.0.2-node-a-") and first != second  # a new id for every download
+    assert peer_id("10.0.0.2", "node-a", seed=True).endswith("-seed")
