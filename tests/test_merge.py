@@ -14,23 +14,10 @@ from lazyfs.rafs.blob import BlobWriter, read_chunk
 from lazyfs.rafs.merge import merge_trees
 from lazyfs.rafs.tarsource import build_tree_from_tar
 from lazyfs.rafs.tree import Inode, Tree
+from tests.test_tarsource import member as entry
 
 CHUNK = 0x1000
 BLOBS: dict[str, bytes] = {}  # blob id -> blob file bytes, for reading data back
-
-
-def entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs: object) -> tuple[
-    tarfile.TarInfo, bytes | None
-]:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    if kind == tarfile.REGTYPE:
-        info.size = len(data)
-        return info, data
-    return info, None
 
 
 def layer(*members: tuple[tarfile.TarInfo, bytes | None], chunk_size: int = CHUNK) -> Tree:

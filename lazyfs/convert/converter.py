@@ -46,16 +46,15 @@ async def read_small_blob(client: RegistryClient, repo: str, desc: Descriptor, c
     """A small blob (an image config) in memory, size-capped and digest-checked."""
     if desc.size > cap:
         raise FormatError(f"blob {desc.digest} is {desc.size} bytes, more than the {cap}-byte limit")
-    parts: list[bytes] = []
+    data = bytearray()
     async with client.get_blob_stream(repo, desc.digest) as stream:
         async for chunk in stream:
-            parts.append(chunk)
-            if sum(map(len, parts)) > cap:
+            data += chunk
+            if len(data) > cap:
                 raise FormatError(f"blob {desc.digest} exceeds the {cap}-byte limit")
-    data = b"".join(parts)
     if "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
         raise FormatError(f"blob {desc.digest} does not match its digest")
-    return data
+    return bytes(data)
 
 
 async def _build_layer(src: RegistryClient, repo: str, layer: Descriptor, work: Path, options: BuildOptions,
