@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check lazyfs snapshotter p2p tests bench
+	$(VENV)/bin/ruff check lazyfs snapshotter p2p scheduler seed tests bench
 
 typecheck: venv
 	$(VENV)/bin/mypy

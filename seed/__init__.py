@@ -1,0 +1,1 @@
+"""Seed peers: the only peers that fetch from the origin (registries and HTTP(S) servers)."""
