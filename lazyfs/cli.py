@@ -389,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="containerd namespace (default: $CONTAINERD_NAMESPACE or default)")
     p.add_argument("--snapshotter", default="lazyfs", help="snapshotter (proxy plugin name) to unpack into")
     _registry_options(p)
+
+    from p2p.commands import register
+
+    register(add, _log_to_stderr)
     return parser
 
 

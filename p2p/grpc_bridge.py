@@ -53,6 +53,25 @@ def channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=OPTIONS)
 
 
+class ChannelPool:
+    """One client channel per target, reused across calls; closed together."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def get(self, target: str) -> grpc.Channel:
+        """The channel to *target*, opened on first use."""
+        if target not in self._channels:
+            self._channels[target] = channel(target)
+        return self._channels[target]
+
+    def close(self) -> None:
+        """Close every channel."""
+        for chan in self._channels.values():
+            chan.close()
+        self._channels.clear()
+
+
 def healthy(target: str, timeout: float = 2.0) -> bool:
     """Whether the server at *target* answers ``Health/Check`` with SERVING (a blocking call)."""
     with channel(target) as chan:
@@ -86,9 +105,7 @@ class Portal:
 
         The iterator's exceptions are raised here; it is cancelled when the RPC ends (client gone).
         """
-        send: trio.MemorySendChannel[T]
-        receive: trio.MemoryReceiveChannel[T]
-        send, receive = self.run_sync(trio.open_memory_channel, 0)
+        send, receive = trio.open_memory_channel[T](0)  # loop-independent objects until used
         scope = trio.CancelScope()
         failure: list[BaseException] = []
 

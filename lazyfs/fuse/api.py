@@ -56,6 +56,13 @@ class ApiServer:
         finally:
             path.unlink(missing_ok=True)
 
+    async def serve_tcp(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+        """Listen on TCP *host*:*port* (0 picks one, handed to ``task_status``) until cancelled."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
         async with stream:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)

@@ -1,0 +1,52 @@
+"""Back-to-source: a task's missing pieces fetched from the origin, a few at a time, each stored and reported."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import trio
+
+from p2p import reporter as report
+from p2p.api import common
+from p2p.pieces import Piece
+from p2p.storage import Storage, StorageError
+from seed.origin import Origin, OriginError
+
+log = logging.getLogger("lazyfs.peer")
+
+
+class SourceFailed(Exception):
+    """The origin could not give a piece after the origin client's retries."""
+
+
+async def fetch_from_source(storage: Storage, origin: Origin, download: common.Download, task_id: str,
+                            wanted: Iterable[Piece], reporter: report.Reporter, *, concurrency: int) -> int:
+    """Fetch every piece in *wanted* from the origin in order; returns the bytes fetched."""
+    queue = iter(list(wanted))
+    headers = dict(download.request_header)
+    fetched = 0
+
+    async def worker() -> None:
+        nonlocal fetched
+        for piece in queue:
+            start = time.monotonic_ns()
+            try:
+                data = await origin.read(download.url, headers, piece.offset, piece.length)
+            except OriginError as exc:
+                report.source_piece_failed(reporter, piece.number)
+                raise SourceFailed(f"piece {piece.number} of task {task_id}: {exc}") from exc
+            info = storage.write_piece(task_id, piece.number, data, parent_id="", traffic_type=common.BACK_TO_SOURCE,
+                                       cost_ns=time.monotonic_ns() - start)
+            fetched += len(data)
+            report.source_piece_finished(reporter, info)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, concurrency)):
+                nursery.start_soon(worker)
+    except* (SourceFailed, StorageError) as group:
+        raise group.exceptions[0] from None  # the first failure says it; the others were cancelled with it
+    log.info("back-to-source done task=%s bytes=%d", task_id, fetched)
+    return fetched

@@ -1,0 +1,181 @@
+"""Downloading a task's pieces from the parents the scheduler picked.
+
+One ``SyncPieces`` stream per parent tells which pieces it holds (and each one it finishes later); workers,
+``concurrent_piece_count`` of them, take the rarest missing piece and fetch it over Vortex from a holder
+chosen at random, weighted by the holder's idle upload bandwidth and by how many pieces this peer is
+already pulling from it. Every piece is checked against its digest before it is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import grpc
+import trio
+
+from p2p import grpc_bridge
+from p2p import reporter as report
+from p2p.api import HOST_TYPE_SEED, common, dfdaemon, upload_stub
+from p2p.piece_client import PieceError, download_piece
+from p2p.pieces import Piece
+from p2p.ratelimit import RateLimiter
+from p2p.storage import Storage
+
+log = logging.getLogger("lazyfs.peer")
+STALL_SECONDS = 60.0  # no piece arrived and none in flight for this long: ask the scheduler again
+
+
+@dataclass
+class Parents:
+    """What the collector learnt about its parents."""
+
+    peers: dict[str, common.Peer]
+    holders: defaultdict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    address: dict[str, tuple[str, int]] = field(default_factory=dict)
+    inflight: Counter[str] = field(default_factory=Counter)
+    blocked: set[str] = field(default_factory=set)
+    bytes_from: Counter[str] = field(default_factory=Counter)
+
+    def weight(self, parent_id: str) -> float:
+        """Idle upload bandwidth (at least 10% of the maximum), shared by the pieces already pulled from it."""
+        network = self.peers[parent_id].host.network
+        idle = max(network.max_tx_bandwidth - network.tx_bandwidth, network.max_tx_bandwidth // 10, 1)
+        seed_penalty = 2 if self.peers[parent_id].host.type == HOST_TYPE_SEED else 1
+        return idle / (1 + self.inflight[parent_id] * seed_penalty)
+
+
+class PieceCollector:
+    """Fetches the missing pieces of one task from one set of candidate parents."""
+
+    def __init__(self, storage: Storage, task_id: str, host_id: str, wanted: list[Piece], parents: list[common.Peer],
+                 reporter: report.Reporter, channels: grpc_bridge.ChannelPool, *, concurrency: int, timeout: float,
+                 limiter: RateLimiter) -> None:
+        self.storage = storage
+        self.task_id = task_id
+        self.host_id = host_id
+        self.pieces = {p.number: p for p in wanted}
+        self.missing = set(self.pieces)
+        self.parents = Parents({p.id: p for p in parents})
+        self.reporter = reporter
+        self.channels = channels
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.limiter = limiter
+        self.failed_on: defaultdict[int, set[str]] = defaultdict(set)
+        self.busy: set[int] = set()
+        self.live_streams = 0
+        self.last_progress = trio.current_time()
+        self._changed = trio.Event()
+        self._scope = trio.CancelScope()
+
+    async def run(self) -> bool:
+        """Collect until every wanted piece is stored (True) or these parents can give no more (False)."""
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                for parent in self.parents.peers.values():
+                    self.live_streams += 1
+                    nursery.start_soon(self._sync, parent)
+                for _ in range(self.concurrency):
+                    nursery.start_soon(self._worker)
+                nursery.start_soon(self._watchdog)
+        return not self.missing
+
+    @property
+    def bad_parents(self) -> list[common.Peer]:
+        """Parents that failed a piece, for ReschedulePeer (they join the scheduler's block list)."""
+        return [self.parents.peers[p] for p in sorted(self.parents.blocked)]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _sync(self, parent: common.Peer) -> None:
+        target = f"{parent.host.ip}:{parent.host.port}"
+        stub = upload_stub(self.channels.get(target))
+        request = dfdaemon.SyncPiecesRequest(host_id=self.host_id, task_id=self.task_id,
+                                             interested_piece_numbers=sorted(self.missing))
+        stream = grpc_bridge.server_stream(stub.SyncPieces, request)
+        try:
+            async for answer in stream:
+                if answer.number not in self.pieces:
+                    continue
+                port = answer.tcp_port if answer.HasField("tcp_port") else parent.host.port
+                self.parents.address[parent.id] = (answer.ip or parent.host.ip, port)
+                self.parents.holders[answer.number].add(parent.id)
+                self._notify()
+        except grpc.RpcError as exc:
+            log.info("sync-pieces ended task=%s parent=%s code=%s", self.task_id, parent.id, exc.code())
+        finally:
+            stream.cancel()
+            self.live_streams -= 1
+            self._notify()
+
+    def _pick(self) -> tuple[int, str] | None:
+        usable: list[tuple[int, list[str]]] = []
+        for number in self.missing - self.busy:
+            holders = [p for p in self.parents.holders.get(number, ())
+                       if p not in self.parents.blocked and p not in self.failed_on[number]]
+            if holders:
+                usable.append((number, holders))
+        if not usable:
+            return None
+        rarest = min(len(h) for _, h in usable)
+        number, holders = random.choice([u for u in usable if len(u[1]) == rarest])
+        weights = [self.parents.weight(p) for p in holders]
+        return number, random.choices(holders, weights)[0]
+
+    async def _worker(self) -> None:
+        while self.missing:
+            choice = self._pick()
+            if choice is None:
+                if self.live_streams == 0 and not self.busy:
+                    break
+                await self._changed.wait()
+                continue
+            await self._fetch(*choice)
+        self._scope.cancel()
+
+    async def _watchdog(self) -> None:
+        while True:
+            await trio.sleep(1)
+            if not self.busy and trio.current_time() - self.last_progress > STALL_SECONDS:
+                log.warning("no progress task=%s missing=%d: asking the scheduler again", self.task_id,
+                            len(self.missing))
+                self._scope.cancel()
+
+    async def _fetch(self, number: int, parent_id: str) -> None:
+        piece = self.pieces[number]
+        host, port = self.parents.address[parent_id]
+        self.busy.add(number)
+        self.parents.inflight[parent_id] += 1
+        start = time.monotonic_ns()
+        try:
+            _, data = await download_piece(host, port, self.task_id, number, expected_length=piece.length,
+                                           timeout=self.timeout, limiter=self.limiter)
+        except PieceError as exc:
+            self._failed(number, parent_id, exc)
+        else:
+            info = self.storage.write_piece(self.task_id, number, data, parent_id=parent_id,
+                                            traffic_type=common.REMOTE_PEER, cost_ns=time.monotonic_ns() - start)
+            self.missing.discard(number)
+            self.parents.bytes_from[parent_id] += len(data)
+            self.last_progress = trio.current_time()
+            report.piece_finished(self.reporter, info)
+        finally:
+            self.busy.discard(number)
+            self.parents.inflight[parent_id] -= 1
+            self._notify()
+
+    def _failed(self, number: int, parent_id: str, exc: PieceError) -> None:
+        log.warning("piece failed task=%s piece=%d parent=%s kind=%s error=%s", self.task_id, number, parent_id,
+                    exc.kind, exc)
+        if exc.kind == "refused":  # the parent is at its upload cap: try again later, maybe elsewhere
+            return
+        self.failed_on[number].add(parent_id)
+        if exc.kind in ("corrupt", "network"):
+            self.parents.blocked.add(parent_id)
+        report.piece_failed(self.reporter, number, parent_id)
