@@ -159,7 +159,7 @@ class PieceCollector:
         except PieceError as exc:
             self._failed(number, parent_id, exc)
         else:
-            info = self.storage.write_piece(self.task_id, number, data, parent_id=parent_id,
+            info = await self.storage.write_piece_async(self.task_id, number, data, parent_id=parent_id,
                                             traffic_type=common.REMOTE_PEER, cost_ns=time.monotonic_ns() - start)
             self.missing.discard(number)
             self.parents.bytes_from[parent_id] += len(data)

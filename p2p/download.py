@@ -18,8 +18,8 @@ import trio
 
 from p2p import grpc_bridge
 from p2p import reporter as report
-from p2p.api import common, scheduler, scheduler_stub
-from p2p.backsource import SourceFailed, fetch_from_source
+from p2p.api import HOST_TYPE_SEED, common, scheduler, scheduler_stub
+from p2p.backsource import SourceFailed, fetch_from_source, stream_from_source
 from p2p.collector import PieceCollector
 from p2p.config import PeerConfig
 from p2p.pieces import Piece, piece_length, pieces
@@ -76,6 +76,7 @@ class Job:
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
     source_bytes: int = 0
+    ranges: bool = True  # whether the origin honours Range (learnt from its stat)
 
     def fail(self, message: str) -> None:
         """Record the failure and wake every waiter."""
@@ -97,7 +98,7 @@ class Downloader:
         self.nursery = nursery
         self.limiter = RateLimiter(config.download_limit)
         self.jobs: dict[str, Job] = {}
-        self.counters = {"downloads": 0, "download_failures": 0, "peer_bytes": 0, "source_bytes": 0}
+        self.counters = {"downloads": 0, "download_failures": 0, "peer_bytes": 0, "seed_bytes": 0, "source_bytes": 0}
 
     async def start(self, download: common.Download) -> Job:
         """Begin (or join) the download; returns once the task's length is known, raising DownloadError."""
@@ -149,6 +150,7 @@ class Downloader:
             job.wanted = wanted_pieces(existing, job.download)
             return
         source = await self.origin.stat(job.download.url, dict(job.download.request_header))
+        job.ranges = source.ranges
         length = piece_length(source.content_length,
                               job.download.piece_length if job.download.HasField("piece_length") else None)
         job.info = self.storage.ensure_task(job.task_id, url=job.download.url, content_length=source.content_length,
@@ -170,9 +172,20 @@ class Downloader:
             log.warning("scheduler unusable task=%s reason=%s: fetching from the source", job.task_id, exc)
         missing = self._missing(job)
         if missing:
-            job.source_bytes += await fetch_from_source(self.storage, self.origin, job.download, job.task_id, missing,
-                                                        report.NoScheduler(), concurrency=self.config.concurrent_pieces)
-            self.counters["source_bytes"] += job.source_bytes
+            await self._source(job, missing, report.NoScheduler())
+
+    async def _source(self, job: Job, missing: list[Piece], reporter: report.Reporter) -> None:
+        assert job.info is not None
+        if job.ranges:
+            fetched = await fetch_from_source(self.storage, self.origin, job.download, job.task_id, missing, reporter,
+                                              concurrency=self.config.concurrent_pieces)
+        else:
+            fetched = await stream_from_source(self.storage, self.origin, job.download, job.info, reporter)
+        self._fetched_from_source(job, fetched)
+
+    def _fetched_from_source(self, job: Job, fetched: int) -> None:
+        job.source_bytes += fetched
+        self.counters["source_bytes"] += fetched
 
     async def _verify(self, job: Job) -> None:
         """Finish the task when complete; check the whole content against Download.digest if one was given."""
@@ -285,7 +298,9 @@ class Downloader:
                                    reporter, self.channels, concurrency=self.config.concurrent_pieces,
                                    timeout=self.config.piece_timeout, limiter=self.limiter)
         complete = await collector.run()
-        self.counters["peer_bytes"] += sum(collector.parents.bytes_from.values())
+        for parent_id, received in collector.parents.bytes_from.items():
+            seed = collector.parents.peers[parent_id].host.type == HOST_TYPE_SEED
+            self.counters["seed_bytes" if seed else "peer_bytes"] += received
         if not complete:
             reporter.send(reschedule_peer_request=scheduler.ReschedulePeerRequest(
                 candidate_parents=collector.bad_parents,
@@ -295,13 +310,10 @@ class Downloader:
     async def _from_source(self, job: Job, reporter: report.SchedulerStream) -> None:
         reporter.send(download_peer_back_to_source_started_request=scheduler.DownloadPeerBackToSourceStartedRequest())
         try:
-            job.source_bytes += await fetch_from_source(self.storage, self.origin, job.download, job.task_id,
-                                                        self._missing(job), reporter,
-                                                        concurrency=self.config.concurrent_pieces)
+            await self._source(job, self._missing(job), reporter)
         except (SourceFailed, StorageError) as exc:
             reporter.send(download_peer_back_to_source_failed_request=scheduler.DownloadPeerBackToSourceFailedRequest(
                 description=str(exc)))
             raise
-        self.counters["source_bytes"] += job.source_bytes
         reporter.send(download_peer_back_to_source_finished_request=
                       scheduler.DownloadPeerBackToSourceFinishedRequest())

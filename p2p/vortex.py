@@ -2,6 +2,15 @@
 
 Requests (tag 0) carry the 64-character task id and a u32 BE piece number; errors (tag 255) a u8 code
 and a UTF-8 message. Frames from the network are hostile: lengths are capped and checked.
+
+PieceContent (tag 1), the reply to a request: the header length counts only the value
+``metadata_len:u32 | number:u32 | offset:u64 | length:u64 | digest_len:u32 | digest | parent_id_len:u32 |
+parent_id | traffic_type:u8 | cost_secs:u64 | created_at_unix:i64`` (all big endian, ``metadata_len`` counting
+what follows it); the ``length`` raw piece bytes come after the frame, uncounted. Checked against
+dragonflyoss/vortex-protocol src/tlv/piece_content.rs at 3bca5de65a6a4a26c4014cb04fd55ef704772a92 and
+dragonflyoss/client dragonfly-client-storage/src/{server,client}/tcp.rs at
+ff17c0b771f69aa801910ba96b7058abad24dbf2 (the server sets the header length to ``4 + metadata_len``; the
+client reads ``metadata_len`` itself). Unlike Dragonfly's decoder, trailing metadata bytes are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +23,13 @@ from dataclasses import dataclass
 HEADER = struct.Struct(">BBI")
 MAX_VALUE_SIZE = 64 << 20 | 4096  # a 64 MiB piece plus its metadata
 TASK_ID_LENGTH = 64
+MAX_DIGEST_LENGTH = 256
+MAX_PARENT_ID_LENGTH = 1024
+_FIXED = struct.Struct(">IQQ")  # number, offset, length
+_LEN = struct.Struct(">I")
+_TAIL = struct.Struct(">BQq")  # traffic_type, cost_secs, created_at_unix
+MAX_PIECE_CONTENT_VALUE = (_LEN.size + _FIXED.size + _LEN.size + MAX_DIGEST_LENGTH + _LEN.size
+                           + MAX_PARENT_ID_LENGTH + _TAIL.size)
 
 
 class Tag(enum.IntEnum):
@@ -108,3 +124,78 @@ def parse_error(value: bytes) -> VortexError:
         return VortexError("empty error frame", ErrorCode.UNKNOWN)
     code = ErrorCode(value[0]) if value[0] in ErrorCode._value2member_map_ else ErrorCode.UNKNOWN
     return VortexError(value[1:].decode("utf-8", "replace"), code)
+
+
+@dataclass(frozen=True, slots=True)
+class PieceMetadata:
+    """The metadata block of a PieceContent frame; ``length`` raw bytes follow the frame."""
+
+    number: int
+    offset: int
+    length: int
+    digest: str
+    parent_id: str
+    traffic_type: int
+    cost_secs: int
+    created_at: int  # unix seconds
+
+    def encode(self) -> bytes:
+        """The frame value: ``metadata_len`` then the metadata."""
+        digest, parent = self.digest.encode(), self.parent_id.encode()
+        if len(digest) > MAX_DIGEST_LENGTH or len(parent) > MAX_PARENT_ID_LENGTH:
+            raise VortexError(f"piece {self.number}: digest or parent id too long")
+        try:
+            body = b"".join((_FIXED.pack(self.number, self.offset, self.length), _LEN.pack(len(digest)), digest,
+                             _LEN.pack(len(parent)), parent,
+                             _TAIL.pack(self.traffic_type, self.cost_secs, self.created_at)))
+        except struct.error as exc:
+            raise VortexError(f"piece {self.number}: field out of range: {exc}") from None
+        return _LEN.pack(len(body)) + body
+
+    @classmethod
+    def decode(cls, value: bytes) -> PieceMetadata:
+        """Parse a PieceContent frame value, refusing anything malformed."""
+        if len(value) > MAX_PIECE_CONTENT_VALUE:
+            raise VortexError(f"piece metadata of {len(value)} bytes exceeds {MAX_PIECE_CONTENT_VALUE}")
+        reader = _Reader(value)
+        if reader.u32("metadata length") != len(value) - _LEN.size:
+            raise VortexError(f"metadata length disagrees with the {len(value)}-byte frame value")
+        number, offset, length = reader.unpack(_FIXED, "number, offset and length")
+        digest = reader.text(MAX_DIGEST_LENGTH, "digest")
+        parent_id = reader.text(MAX_PARENT_ID_LENGTH, "parent id")
+        traffic_type, cost_secs, created_at = reader.unpack(_TAIL, "traffic type, cost and created_at")
+        if reader.pos != len(value):
+            raise VortexError(f"{len(value) - reader.pos} trailing bytes after piece metadata")
+        return cls(number, offset, length, digest, parent_id, traffic_type, cost_secs, created_at)
+
+
+class _Reader:
+    """Bounds-checked sequential reads over a hostile byte string."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, size: int, what: str) -> bytes:
+        if size > len(self.data) - self.pos:
+            raise VortexError(f"truncated piece metadata: {what} needs {size} bytes, "
+                              f"{len(self.data) - self.pos} left")
+        chunk = self.data[self.pos : self.pos + size]
+        self.pos += size
+        return chunk
+
+    def unpack(self, layout: struct.Struct, what: str) -> tuple[int, ...]:
+        values: tuple[int, ...] = layout.unpack(self.take(layout.size, what))
+        return values
+
+    def u32(self, what: str) -> int:
+        return self.unpack(_LEN, what)[0]
+
+    def text(self, cap: int, what: str) -> str:
+        size = self.u32(f"{what} length")
+        if size > cap:
+            raise VortexError(f"{what} of {size} bytes exceeds {cap}")
+        try:
+            return self.take(size, what).decode()
+        except UnicodeDecodeError:
+            raise VortexError(f"{what} is not UTF-8") from None
