@@ -37,8 +37,9 @@ async def fetch_from_source(storage: Storage, origin: Origin, download: common.D
             except OriginError as exc:
                 report.source_piece_failed(reporter, piece.number)
                 raise SourceFailed(f"piece {piece.number} of task {task_id}: {exc}") from exc
-            info = await storage.write_piece_async(task_id, piece.number, data, parent_id="", traffic_type=common.BACK_TO_SOURCE,
-                                       cost_ns=time.monotonic_ns() - start)
+            info = await storage.write_piece_async(task_id, piece.number, data, parent_id="",
+                                                   traffic_type=common.BACK_TO_SOURCE,
+                                                   cost_ns=time.monotonic_ns() - start)
             fetched += len(data)
             report.source_piece_finished(reporter, info)
 
