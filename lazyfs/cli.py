@@ -246,6 +246,14 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    """Run a P2P scheduler (Dragonfly's scheduler.v2 API)."""
+    from scheduler.server import load_config, run
+
+    run(load_config(Path(args.config) if args.config else None, listen=args.listen, log_level=args.log_level))
+    return 0
+
+
 def cmd_setup(args: argparse.Namespace) -> int:
     """Register the lazyfs snapshotter in containerd's config."""
     from snapshotter.server import DEFAULT_ADDRESS
@@ -370,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="unix socket to listen on (default /run/lazyfs/snapshotter.sock)")
     p.add_argument("--root", help="directory for snapshots and metadata (default /var/lib/lazyfs/snapshotter)")
     p.add_argument("--config", help="TOML config file (settings: root, address); options override it")
+
+    p = add("scheduler", cmd_scheduler, "Run a P2P scheduler: picks the parents every peer downloads from.")
+    p.add_argument("--listen", help="host:port to serve scheduler.v2 on (default 0.0.0.0:8002)")
+    p.add_argument("--config", help="TOML config file ([scheduler] table); options override it")
+    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
 
     p = add("setup", cmd_setup, "Configure another program to use lazyfs.")
     p.add_argument("component", choices=["containerd"], help="containerd: proxy snapshotter plugin and CRI settings")

@@ -18,12 +18,12 @@ from p2p.storage import Storage, TaskInfo
 from p2p.taskid import peer_id
 
 log = logging.getLogger("lazyfs.peer")
-RETRY_SECONDS = 2.0
+RETRY_SECONDS = 2.0  # health checks, and announce retries while a scheduler is down
 CALL_TIMEOUT = 10.0
 
 
 class Announcer:
-    """Announces this host every ``announce_interval`` (every few seconds while a scheduler is down)."""
+    """Keeps this host (and its completed tasks) known to every scheduler."""
 
     def __init__(self, config: PeerConfig, ring: SchedulerRing, storage: Storage, channels: grpc_bridge.ChannelPool,
                  host: Callable[[], common.Host]) -> None:
@@ -33,18 +33,25 @@ class Announcer:
         self.channels = channels
         self.host = host
         self.up: set[str] = set()
-        self.first_round = trio.Event()
 
     async def run(self) -> None:
-        """Announce forever."""
+        """Announce to every scheduler now and every ``announce_interval``; health-check them in between, and
+        announce again (host and tasks) to one that comes back."""
+        last_round = -float("inf")
         while True:
+            full = trio.current_time() - last_round >= self.config.announce_interval
             for target in self.config.schedulers:
-                await self._announce(target)
-            self.first_round.set()
-            down = set(self.config.schedulers) - self.up
-            await trio.sleep(RETRY_SECONDS if down else self.config.announce_interval)
+                if full or target not in self.up:
+                    await self.announce(target)
+                elif not await grpc_bridge.serving(self.channels.get(target)):
+                    log.warning("scheduler lost scheduler=%s", target)
+                    self.up.discard(target)
+            if full:
+                last_round = trio.current_time()
+            await trio.sleep(RETRY_SECONDS)
 
-    async def _announce(self, target: str) -> None:
+    async def announce(self, target: str) -> bool:
+        """AnnounceHost to *target*; on the first success after a loss, announce the completed tasks too."""
         stub = scheduler_stub(self.channels.get(target))
         request = scheduler.AnnounceHostRequest(host=self.host())
         request.interval.FromSeconds(int(self.config.announce_interval))
@@ -54,11 +61,12 @@ class Announcer:
             if target in self.up:
                 log.warning("scheduler lost scheduler=%s code=%s", target, exc.code().name)
             self.up.discard(target)
-            return
+            return False
         if target not in self.up:
             self.up.add(target)
             log.info("host announced scheduler=%s host_id=%s", target, self.config.host_id)
             await self._announce_tasks(target)
+        return True
 
     async def _announce_tasks(self, target: str) -> None:
         """Tell *target* about every completed task it schedules (register, metadata only, finished)."""

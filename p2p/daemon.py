@@ -106,6 +106,7 @@ async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Peer] = trio
                 api = ApiServer({("GET", "/metrics"): lambda _: _metrics(peer)})
                 await nursery.start(api.serve_tcp, config.listen, config.metrics_port)
             announcer = Announcer(config, ring, storage, channels, peer.host)
+            downloader.announce = announcer.announce
             nursery.start_soon(announcer.run)
             nursery.start_soon(_collect_garbage, peer, channels, ring)
             log.info("peer ready host_id=%s seed=%s grpc_port=%d vortex_port=%d socket=%s schedulers=%s",

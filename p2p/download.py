@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -63,6 +64,15 @@ def wanted_pieces(info: TaskInfo, download: common.Download) -> list[Piece]:
     return [p for p in every if p.offset < end and p.offset + p.length > start]
 
 
+def _hash_fd(fd: int, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    offset = 0
+    while chunk := os.pread(fd, DIGEST_CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
 @dataclass
 class Job:
     """One running download of a task."""
@@ -98,6 +108,7 @@ class Downloader:
         self.nursery = nursery
         self.limiter = RateLimiter(config.download_limit)
         self.jobs: dict[str, Job] = {}
+        self.announce: Callable[[str], Awaitable[bool]] | None = None  # AnnounceHost to a scheduler, set by the daemon
         self.counters = {"downloads": 0, "download_failures": 0, "peer_bytes": 0, "seed_bytes": 0, "source_bytes": 0}
 
     async def start(self, download: common.Download) -> Job:
@@ -196,39 +207,44 @@ class Downloader:
             return  # a ranged download: the task itself stays partial
         if job.download.HasField("digest") and job.info.state != "succeeded":
             try:
-                await trio.to_thread.run_sync(self._check_digest, job.task_id, job.download.digest)
+                await self._check_digest(job.task_id, job.download.digest)
             except DownloadError:
                 self.storage.delete_task(job.task_id)  # every piece passed its crc32, so the source itself differs
                 raise
         job.info = self.storage.finish_task(job.task_id)
 
-    def _check_digest(self, tid: str, digest: str) -> None:
+    async def _check_digest(self, tid: str, digest: str) -> None:
         algorithm, _, expected = digest.partition(":")
         if algorithm not in ("sha256", "sha512"):
             raise DownloadError(f"unsupported digest {digest!r}")
-        h = hashlib.new(algorithm)
-        offset = 0
         with self.storage.content_fd(tid) as fd:
-            while chunk := os.pread(fd, DIGEST_CHUNK, offset):
-                h.update(chunk)
-                offset += len(chunk)
-        if h.hexdigest() != expected:
-            raise DownloadError(f"task {tid}: content is {algorithm}:{h.hexdigest()}, expected {digest}")
+            actual = await trio.to_thread.run_sync(_hash_fd, fd, algorithm)
+        if actual != expected:
+            raise DownloadError(f"task {tid}: content is {algorithm}:{actual}, expected {digest}")
 
     async def _with_scheduler(self, job: Job) -> None:
         """Follow the scheduler's answers until the wanted pieces are stored."""
         if self.ring is None or not self.ring:
             raise SchedulerUnusable("no scheduler configured")
         target = self.ring.pick(job.task_id)
-        stub = scheduler_stub(self.channels.get(target))
-        stream = grpc_bridge.BidiStream(stub.AnnouncePeer)
+        try:
+            await self._announce_peer(job, target)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND or self.announce is None or not await self.announce(target):
+                raise SchedulerUnusable(f"scheduler {target}: {exc.code().name} {exc.details()}") from exc
+            log.info("scheduler did not know this host: announced again scheduler=%s", target)  # it restarted
+            try:
+                await self._announce_peer(job, target)
+            except grpc.RpcError as again:
+                raise SchedulerUnusable(f"scheduler {target}: {again.code().name} {again.details()}") from again
+
+    async def _announce_peer(self, job: Job, target: str) -> None:
+        stream = grpc_bridge.BidiStream(scheduler_stub(self.channels.get(target)).AnnouncePeer)
         reporter = report.SchedulerStream(stream, self.config.host_id, job.task_id, job.peer_id)
         try:
             reporter.send(register_peer_request=scheduler.RegisterPeerRequest(download=self._register(job)))
             await self._follow(job, stream, reporter)
             await self._close(stream)
-        except grpc.RpcError as exc:
-            raise SchedulerUnusable(f"scheduler {target}: {exc.code().name} {exc.details()}") from exc
         finally:
             stream.cancel()
 

@@ -82,6 +82,16 @@ def healthy(target: str, timeout: float = 2.0) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+async def serving(chan: grpc.Channel, timeout: float = 2.0) -> bool:
+    """Whether the server behind *chan* answers ``Health/Check`` with SERVING (awaited from trio)."""
+    stub = health_pb2_grpc.HealthStub(chan)
+    try:
+        reply = await unary(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 class Portal:
     """Lets grpcio handler threads run code in this process's trio loop.
 

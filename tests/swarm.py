@@ -19,7 +19,7 @@ import httpx
 
 START_TIMEOUT = 20.0
 _READY = {
-    "scheduler": re.compile(r"scheduler ready .*?port=(\d+)"),
+    "scheduler": re.compile(r"scheduler_started .*?port=(\d+)"),
     "peer": re.compile(r"peer ready .*?grpc_port=(\d+) vortex_port=(\d+)"),
 }
 
@@ -163,8 +163,8 @@ def push_blob(registry_url: str, repository: str, data: bytes) -> str:
     with httpx.Client(base_url=registry_url, timeout=120) as client:
         started = client.post(f"/v2/{repository}/blobs/uploads/")
         started.raise_for_status()
-        location = started.headers["location"]
-        done = client.put(location, params={"digest": digest}, content=data,
+        location = httpx.URL(started.headers["location"]).copy_merge_params({"digest": digest})  # keeps _state
+        done = client.put(location, content=data,
                           headers={"content-type": "application/octet-stream"})
         done.raise_for_status()
     return digest
