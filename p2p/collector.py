@@ -27,6 +27,7 @@ from p2p.storage import Storage
 
 log = logging.getLogger("lazyfs.peer")
 STALL_SECONDS = 60.0  # no piece arrived and none in flight for this long: ask the scheduler again
+SEED_SHARE = 1  # pieces pulled from one seed at once while other peers are parents too
 
 
 @dataclass
@@ -40,12 +41,17 @@ class Parents:
     blocked: set[str] = field(default_factory=set)
     bytes_from: Counter[str] = field(default_factory=Counter)
 
+    def is_seed(self, parent_id: str) -> bool:
+        """Whether the parent is a seed peer."""
+        return bool(self.peers[parent_id].host.type == HOST_TYPE_SEED)
+
     def weight(self, parent_id: str) -> float:
-        """Idle upload bandwidth (at least 10% of the maximum), shared by the pieces already pulled from it."""
+        """Idle upload bandwidth (at least 10% of the maximum), shared by the pieces already pulled from it;
+        a seed counts a quarter, so peers that hold a piece serve it first."""
         network = self.peers[parent_id].host.network
         idle = max(network.max_tx_bandwidth - network.tx_bandwidth, network.max_tx_bandwidth // 10, 1)
-        seed_penalty = 2 if self.peers[parent_id].host.type == HOST_TYPE_SEED else 1
-        return idle / (1 + self.inflight[parent_id] * seed_penalty)
+        share = idle / (1 + self.inflight[parent_id])
+        return share / 4 if self.is_seed(parent_id) else share
 
 
 class PieceCollector:
@@ -68,6 +74,7 @@ class PieceCollector:
         self.failed_on: defaultdict[int, set[str]] = defaultdict(set)
         self.busy: set[int] = set()
         self.live_streams = 0
+        self.peer_parents = any(not self.parents.is_seed(p) for p in self.parents.peers)
         self.last_progress = trio.current_time()
         self._changed = trio.Event()
         self._scope = trio.CancelScope()
@@ -115,18 +122,23 @@ class PieceCollector:
             self._notify()
 
     def _pick(self) -> tuple[int, str] | None:
-        usable: list[tuple[int, list[str]]] = []
+        """A missing piece and a parent for it: pieces other peers can give first (sparing the seed, the swarm's
+        only link to the origin), rarest first among them; the parent at random, weighted."""
+        best: tuple[tuple[bool, int], int, list[str]] | None = None
+        spare = {p for p in self.parents.peers if self.parents.is_seed(p) and self.parents.inflight[p] >= SEED_SHARE
+                 and self.peer_parents}
         for number in self.missing - self.busy:
             holders = [p for p in self.parents.holders.get(number, ())
-                       if p not in self.parents.blocked and p not in self.failed_on[number]]
-            if holders:
-                usable.append((number, holders))
-        if not usable:
+                       if p not in self.parents.blocked and p not in self.failed_on[number] and p not in spare]
+            if not holders:
+                continue
+            rank = (all(self.parents.is_seed(p) for p in holders), len(holders))
+            if best is None or rank < best[0] or (rank == best[0] and random.random() < 0.5):
+                best = (rank, number, holders)
+        if best is None:
             return None
-        rarest = min(len(h) for _, h in usable)
-        number, holders = random.choice([u for u in usable if len(u[1]) == rarest])
-        weights = [self.parents.weight(p) for p in holders]
-        return number, random.choices(holders, weights)[0]
+        _, number, holders = best
+        return number, random.choices(holders, [self.parents.weight(p) for p in holders])[0]
 
     async def _worker(self) -> None:
         while self.missing:

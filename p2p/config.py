@@ -36,6 +36,8 @@ class PeerConfig:
     max_uploads: int = 200
     concurrent_pieces: int = 8
     piece_timeout: float = 30.0
+    source_timeout: float = 30.0  # one origin request, each of source_retries attempts
+    source_retries: int = 4
     schedule_timeout: float = 120.0  # waiting for one scheduler answer
     max_schedule_count: int = 5
     back_to_source_fallback: bool = True  # go to the origin when no scheduler can help

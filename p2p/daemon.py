@@ -85,7 +85,8 @@ async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Peer] = trio
     stats = UploadStats()
     servers: list[grpc.Server] = []
     try:
-        async with Origin(limiter=RateLimiter(config.back_to_source_limit)) as origin, \
+        async with Origin(timeout=config.source_timeout, retries=config.source_retries,
+                          limiter=RateLimiter(config.back_to_source_limit)) as origin, \
                 trio.open_nursery() as nursery:
             vortex_port = await nursery.start(lambda task_status: serve_pieces(
                 storage, config.listen, config.vortex_port, limiter=RateLimiter(config.upload_limit),
