@@ -260,12 +260,30 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from snapshotter.setup import DEFAULT_CONTAINERD_CONFIG, merged_containerd_config, write_containerd_config
 
     config = Path(args.config) if args.config else DEFAULT_CONTAINERD_CONFIG
+    if args.mirror:
+        return _setup_mirror(args, config)
     address = args.address or str(DEFAULT_ADDRESS)
     if args.print:
         print(merged_containerd_config(config, args.name, address), end="")
         return 0
     changed = write_containerd_config(config, args.name, address)
     print(f"{'updated' if changed else 'unchanged'} {config}; restart containerd to apply")
+    return 0
+
+
+def _setup_mirror(args: argparse.Namespace, config: Path) -> int:
+    """``setup containerd --mirror``: hosts.toml for the peer's registry mirror, and CRI's config_path."""
+    from snapshotter.mirror import DEFAULT_HOSTS_DIR, configure_config_path, hosts_toml, setup_mirror
+
+    hosts_dir = Path(args.hosts_dir) if args.hosts_dir else DEFAULT_HOSTS_DIR
+    if args.print:
+        directory, text = hosts_toml(args.mirror, args.registry)
+        print(f"# {hosts_dir / directory / 'hosts.toml'}\n{text}\n# {config}")
+        print(configure_config_path(config.read_text() if config.exists() else "", hosts_dir), end="")
+        return 0
+    for path, changed in setup_mirror(config, hosts_dir, args.mirror, args.registry):
+        print(f"{'updated' if changed else 'unchanged'} {path}")
+    print("restart containerd to apply; ctr needs --hosts-dir " + str(hosts_dir))
     return 0
 
 
@@ -390,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="the snapshotter's socket (default /run/lazyfs/snapshotter.sock)")
     p.add_argument("--name", default="lazyfs", help="proxy plugin name (CRI's snapshotter)")
     p.add_argument("--print", action="store_true", help="print the resulting config instead of writing it")
+    p.add_argument("--mirror", metavar="URL", help="instead: pull through the lazyfs peer's registry mirror at URL "
+                   "(e.g. http://127.0.0.1:4001): write hosts.toml and set CRI's registry config_path")
+    p.add_argument("--registry", metavar="HOST", help="with --mirror: only this registry (host or URL; default: "
+                   "all, via _default/hosts.toml)")
+    p.add_argument("--hosts-dir", help="with --mirror: the hosts.toml directory (default /etc/containerd/certs.d)")
 
     p = add("image", cmd_image, "Work with images in containerd.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")

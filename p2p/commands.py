@@ -31,7 +31,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("data_dir", "socket", "ip", "hostname", "listen", "grpc_port",
                                                "vortex_port", "metrics_port", "idc", "location", "upload_limit",
-                                               "download_limit", "back_to_source_limit", "max_uploads")}
+                                               "download_limit", "back_to_source_limit", "max_uploads", "proxy_port",
+                                               "proxy_listen", "registry_mirror")}
     overrides["schedulers"] = args.scheduler or None
     overrides["seed"] = True if args.seed else None
     config = PeerConfig.load(Path(args.config) if args.config else None, **overrides)
@@ -132,6 +133,11 @@ def register(add: Add, log_to_stderr: Callable[[], None]) -> None:
     for name in ("upload", "download", "back-to-source"):
         p.add_argument(f"--{name}-limit", type=_rate, help=f"{name} bandwidth limit, bytes/s (e.g. 50M; 0 = none)")
     p.add_argument("--max-uploads", type=int, help="concurrent piece uploads served (default 200)")
+    p.add_argument("--proxy-port", type=int, help="registry mirror / HTTP proxy port (default 0 = off; "
+                   "Dragonfly uses 4001)")
+    p.add_argument("--proxy-listen", help="address the proxy listens on (default 127.0.0.1)")
+    p.add_argument("--registry-mirror", help="upstream for mirror requests without X-Dragonfly-Registry or ?ns= "
+                   "(default https://index.docker.io)")
 
     p = add("get", cmd_get, "Download a URL or registry blob through the local peer (Dragonfly's dfget).")
     p.add_argument("url", metavar="URL")

@@ -48,6 +48,16 @@ class PeerConfig:
     disk_low_percent: float = 60.0
     disk_capacity: int | None = None  # bytes of content to count against, instead of the filesystem
     max_tx_bandwidth: int = 0  # announced, bits/s; 0 = derived from upload_limit, else 10 Gbit/s
+    # Registry mirror / HTTP proxy (p2p/proxy.py). Off by default (0); Dragonfly's dfdaemon uses 4001, and
+    # `lazyfs setup containerd --mirror` assumes http://127.0.0.1:4001. It is an open forward proxy, so it
+    # listens on loopback unless proxy_listen says otherwise.
+    proxy_port: int = 0
+    proxy_listen: str = "127.0.0.1"
+    registry_mirror: str = "https://index.docker.io"  # upstream without X-Dragonfly-Registry or ?ns=
+    proxy_rules: list[str] = field(default_factory=lambda: [r"blobs/sha256.*"])  # GETs matching go P2P
+    proxy_plain_http: list[str] = field(default_factory=list)  # ?ns= hosts reached over http, not https
+    registry_mirror_blob_digest_task_id: bool = False  # task id = blob digest (enable_task_id_based_blob_digest)
+    proxy_timeout: float = 300.0  # idle limit on a proxy connection, and on each upstream read
 
     @property
     def host_id(self) -> str:

@@ -22,6 +22,7 @@ from p2p.download import Downloader
 from p2p.download_service import DownloadService
 from p2p.host import describe
 from p2p.piece_server import UploadStats, serve_pieces
+from p2p.proxy import Proxy
 from p2p.ratelimit import RateLimiter
 from p2p.scheduler_ring import SchedulerRing
 from p2p.storage import Storage
@@ -42,15 +43,20 @@ class Peer:
         self.stats = stats
         self.grpc_port = grpc_port
         self.vortex_port = vortex_port
+        self.proxy: Proxy | None = None
+        self.proxy_port = 0
 
     def host(self) -> common.Host:
         """This host as announced, with its current upload rate."""
-        return describe(self.config, self.stats.rate(), grpc_port=self.grpc_port, vortex_port=self.vortex_port)
+        return describe(self.config, self.stats.rate(), grpc_port=self.grpc_port, vortex_port=self.vortex_port,
+                        proxy_port=self.proxy_port)
 
     def metrics(self) -> str:
         """Prometheus text."""
         values: dict[str, int | float] = {**self.downloader.counters, "upload_bytes": self.stats.bytes_sent,
                                           "active_uploads": self.stats.active, "tasks": len(self.storage.tasks())}
+        if self.proxy is not None:
+            values.update(self.proxy.counters)
         lines = metrics.counters("lazyfs_peer", values, {"host_id": self.config.host_id},
                                  gauges=("active_uploads", "tasks"))
         return "\n".join(lines) + "\n"
@@ -106,13 +112,16 @@ async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Peer] = trio
             if config.metrics_port:
                 api = ApiServer({("GET", "/metrics"): lambda _: _metrics(peer)})
                 await nursery.start(api.serve_tcp, config.listen, config.metrics_port)
+            if config.proxy_port:
+                peer.proxy = Proxy(config, downloader, storage)
+                peer.proxy_port = await nursery.start(peer.proxy.serve, config.proxy_listen, config.proxy_port)
             announcer = Announcer(config, ring, storage, channels, peer.host)
             downloader.announce = announcer.announce
             nursery.start_soon(announcer.run)
             nursery.start_soon(_collect_garbage, peer, channels, ring)
-            log.info("peer ready host_id=%s seed=%s grpc_port=%d vortex_port=%d socket=%s schedulers=%s",
+            log.info("peer ready host_id=%s seed=%s grpc_port=%d vortex_port=%d socket=%s schedulers=%s proxy_port=%d",
                      config.host_id, config.seed, peer.grpc_port, vortex_port, config.socket,
-                     ",".join(config.schedulers) or "-")
+                     ",".join(config.schedulers) or "-", peer.proxy_port)
             task_status.started(peer)
             await trio.sleep_forever()
     finally:

@@ -35,7 +35,12 @@ DIGEST_CHUNK = 8 << 20
 
 
 class DownloadError(Exception):
-    """A download that cannot complete; the message says why."""
+    """A download that cannot complete; the message says why. *origin* is the origin's refusal (status and
+    headers), when that is what failed before the download began."""
+
+    def __init__(self, message: str, *, origin: OriginError | None = None) -> None:
+        super().__init__(message)
+        self.origin = origin
 
 
 class SchedulerUnusable(Exception):
@@ -87,6 +92,7 @@ class Job:
     error: str | None = None
     source_bytes: int = 0
     ranges: bool = True  # whether the origin honours Range (learnt from its stat)
+    origin_error: OriginError | None = None  # the origin's refusal, if that is how the job failed
 
     def fail(self, message: str) -> None:
         """Record the failure and wake every waiter."""
@@ -108,6 +114,7 @@ class Downloader:
         self.nursery = nursery
         self.limiter = RateLimiter(config.download_limit)
         self.jobs: dict[str, Job] = {}
+        self.verified: dict[str, str] = {}  # task id -> the digest its complete content was checked against
         self.announce: Callable[[str], Awaitable[bool]] | None = None  # AnnounceHost to a scheduler, set by the daemon
         self.counters = {"downloads": 0, "download_failures": 0, "peer_bytes": 0, "seed_bytes": 0, "source_bytes": 0}
 
@@ -121,7 +128,7 @@ class Downloader:
         self.nursery.start_soon(self._run, job)
         await job.ready.wait()
         if job.error:
-            raise DownloadError(job.error)
+            raise DownloadError(job.error, origin=job.origin_error)
         return job
 
     async def fetch(self, download: common.Download) -> TaskInfo:
@@ -145,8 +152,10 @@ class Downloader:
             expected = isinstance(exc, DownloadError | SourceFailed | OriginError | StorageError)
             log.log(logging.ERROR, "download failed task=%s url=%s error=%s", job.task_id, job.download.url, exc,
                     exc_info=not expected)
-            if job.info is not None and self.storage.task(job.task_id) is not None:
+            stored = self.storage.task(job.task_id)
+            if stored is not None and stored.state != "succeeded":  # a complete task stays served
                 self.storage.fail_task(job.task_id)
+            job.origin_error = exc if isinstance(exc, OriginError) else None
             job.fail(str(exc) if expected else f"internal error: {exc!r}")
         finally:
             self.jobs.pop(job.task_id, None)
@@ -205,12 +214,14 @@ class Downloader:
             raise DownloadError(f"task {job.task_id}: {len(self._missing(job))} pieces still missing")
         if len(self.storage.pieces(job.task_id)) < job.info.piece_count:
             return  # a ranged download: the task itself stays partial
-        if job.download.HasField("digest") and job.info.state != "succeeded":
+        if job.download.HasField("digest") and self.verified.get(job.task_id) != job.download.digest:
             try:
                 await self._check_digest(job.task_id, job.download.digest)
             except DownloadError:
-                self.storage.delete_task(job.task_id)  # every piece passed its crc32, so the source itself differs
+                if job.info.state != "succeeded":  # every piece passed its crc32: the source itself differs
+                    self.storage.delete_task(job.task_id)
                 raise
+            self.verified[job.task_id] = job.download.digest
         job.info = self.storage.finish_task(job.task_id)
 
     async def _check_digest(self, tid: str, digest: str) -> None:

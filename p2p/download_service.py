@@ -16,8 +16,8 @@ import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from p2p.api import common, dfdaemon, dfdaemon_grpc
-from p2p.download import Downloader, DownloadError, download_task_id
-from p2p.grpc_bridge import Portal
+from p2p.download import Downloader, DownloadError, download_task_id, wanted_pieces
+from p2p.grpc_bridge import Portal, StreamAborted
 from p2p.storage import StorageError, TaskInfo
 from p2p.upload_service import stat_task, task_progress
 
@@ -73,12 +73,17 @@ class DownloadService(dfdaemon_grpc.DfdaemonDownloadServicer):
                 self.portal.run(self._output, download)
         except (DownloadError, StorageError, OSError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except StreamAborted as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def _output(self, download: common.Download) -> None:
         tid = download_task_id(download)
         info = self.storage.task(tid)
         if info is None:
             raise DownloadError(f"task {tid} vanished before its output was written")
+        held = self.storage.pieces(tid)
+        if any(p.number not in held for p in wanted_pieces(info, download)):
+            raise DownloadError(f"task {tid} is missing pieces: no output written")
         start = download.range.start if download.HasField("range") else 0
         length = download.range.length if download.HasField("range") and download.range.length else (
             info.content_length - start)

@@ -92,6 +92,10 @@ async def serving(chan: grpc.Channel, timeout: float = 2.0) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+class StreamAborted(Exception):
+    """A server stream's source was cancelled before it finished; handlers answer UNAVAILABLE."""
+
+
 class Portal:
     """Lets grpcio handler threads run code in this process's trio loop.
 
@@ -118,13 +122,16 @@ class Portal:
         send, receive = trio.open_memory_channel[T](0)  # loop-independent objects until used
         scope = trio.CancelScope()
         failure: list[BaseException] = []
+        completed = False
 
         async def pump() -> None:
+            nonlocal completed
             async with send:
                 with scope:
                     try:
                         async for item in source():
                             await send.send(item)
+                        completed = True
                     except Exception as exc:  # handed to the handler thread, which raises it
                         failure.append(exc)
 
@@ -141,6 +148,8 @@ class Portal:
             self._cancel(scope)
         if failure:
             raise failure[0]
+        if not completed:  # cancelled: the client left, or this process is stopping
+            raise StreamAborted("the stream was cut short: the daemon is stopping or the client went away")
 
     def _cancel(self, scope: trio.CancelScope) -> None:
         with contextlib.suppress(trio.RunFinishedError):

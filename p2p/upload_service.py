@@ -17,7 +17,7 @@ from google.protobuf import empty_pb2
 
 from p2p.api import common, dfdaemon, dfdaemon_grpc
 from p2p.download import Downloader, DownloadError
-from p2p.grpc_bridge import Portal
+from p2p.grpc_bridge import Portal, StreamAborted
 from p2p.storage import Storage, StorageError, TaskInfo
 
 HOST_SYNC_INTERVAL = 1.0
@@ -101,6 +101,8 @@ class UploadService(dfdaemon_grpc.DfdaemonUploadServicer):
                                                   ip=self.ip, tcp_port=self.vortex_port)
         except StorageError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except StreamAborted as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     def SyncHost(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         """This host, with its current upload rate, every second while the child listens."""
@@ -114,6 +116,8 @@ class UploadService(dfdaemon_grpc.DfdaemonUploadServicer):
             yield from self.portal.iterate(lambda: task_progress(self.downloader, request.download), context)
         except (DownloadError, StorageError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except StreamAborted as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     def StatTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         """The local task and its pieces."""
