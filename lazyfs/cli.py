@@ -254,6 +254,31 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preheat(args: argparse.Namespace) -> int:
+    """Ask a scheduler to have its seed peers fetch every blob of an image (Dragonfly's preheat)."""
+    from lazyfs.registry.auth import load_docker_credentials
+    from lazyfs.registry.reference import ImageReference
+    from p2p.api import scheduler
+    from scheduler.preheat import call_preheat, manifest_url
+
+    ref = ImageReference.parse(args.ref)
+    request = scheduler.PreheatImageRequest(url=manifest_url(ref, args.plain_http), platform=args.platform,
+                                            scope=args.scope)
+    login = (args.username, args.password or "") if args.username else None
+    if login is None and (stored := load_docker_credentials(ref.registry)):
+        login = (stored.username, stored.password)
+    if login:
+        request.username, request.password = login
+    if args.timeout:
+        request.timeout.FromNanoseconds(int(args.timeout * 1e9))
+    result = call_preheat(args.scheduler or ["127.0.0.1:8002"], request, args.timeout + 30 if args.timeout else None)
+    blobs = "?" if result.tasks is None else str(result.tasks)
+    size = "?" if result.bytes is None else human(result.bytes)
+    print(f"preheated {args.ref}: {blobs} blobs (config and layers), {size}, on {result.seeds or '?'} seed peer(s) "
+          f"via {result.scheduler} in {result.seconds:.1f} s")
+    return 0
+
+
 def cmd_setup(args: argparse.Namespace) -> int:
     """Register the lazyfs snapshotter in containerd's config."""
     from snapshotter.server import DEFAULT_ADDRESS
@@ -401,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="host:port to serve scheduler.v2 on (default 0.0.0.0:8002)")
     p.add_argument("--config", help="TOML config file ([scheduler] table); options override it")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+
+    p = add("preheat", cmd_preheat, "Have seed peers fetch every layer of an image before it is pulled.")
+    p.add_argument("ref", metavar="IMAGE_REF", help="image reference, e.g. 127.0.0.1:5000/app:1")
+    p.add_argument("--scheduler", action="append", metavar="ADDR", help="scheduler host:port (repeatable; the "
+                   "first that answers is used: it triggers the seeds for every layer itself; default 127.0.0.1:8002)")
+    p.add_argument("--scope", choices=["single_seed_peer", "all_seed_peers"], default="single_seed_peer",
+                   help="one seed per blob (by consistent hash, default) or every seed peer")
+    p.add_argument("--timeout", type=float, help="seconds the scheduler may take (default: its seed download timeout)")
+    _registry_options(p)
 
     p = add("setup", cmd_setup, "Configure another program to use lazyfs.")
     p.add_argument("component", choices=["containerd"], help="containerd: proxy snapshotter plugin and CRI settings")

@@ -140,17 +140,6 @@ class PieceCollector:
         _, number, holders = best
         return number, random.choices(holders, [self.parents.weight(p) for p in holders])[0]
 
-    async def _worker(self) -> None:
-        while self.missing:
-            choice = self._pick()
-            if choice is None:
-                if self.live_streams == 0 and not self.busy:
-                    break
-                await self._changed.wait()
-                continue
-            await self._fetch(*choice)
-        self._scope.cancel()
-
     async def _watchdog(self) -> None:
         while True:
             await trio.sleep(1)
@@ -159,20 +148,35 @@ class PieceCollector:
                             len(self.missing))
                 self._scope.cancel()
 
-    async def _fetch(self, number: int, parent_id: str) -> None:
+    async def _worker(self) -> None:
+        buffer = bytearray()  # one per worker, reused piece after piece
+        while self.missing:
+            choice = self._pick()
+            if choice is None:
+                if self.live_streams == 0 and not self.busy:
+                    break
+                await self._changed.wait()
+                continue
+            buffer = await self._fetch(*choice, buffer)
+        self._scope.cancel()
+
+    async def _fetch(self, number: int, parent_id: str, buffer: bytearray) -> bytearray:
         piece = self.pieces[number]
         host, port = self.parents.address[parent_id]
         self.busy.add(number)
         self.parents.inflight[parent_id] += 1
         start = time.monotonic_ns()
+        if len(buffer) < piece.length:
+            buffer = bytearray(piece.length)
         try:
-            _, data = await download_piece(host, port, self.task_id, number, expected_length=piece.length,
-                                           timeout=self.timeout, limiter=self.limiter)
+            metadata, data = await download_piece(host, port, self.task_id, number, expected_length=piece.length,
+                                                  timeout=self.timeout, limiter=self.limiter, buffer=buffer)
         except PieceError as exc:
             self._failed(number, parent_id, exc)
         else:
             info = await self.storage.write_piece_async(self.task_id, number, data, parent_id=parent_id,
-                                            traffic_type=common.REMOTE_PEER, cost_ns=time.monotonic_ns() - start)
+                                                        traffic_type=common.REMOTE_PEER,
+                                                        cost_ns=time.monotonic_ns() - start, digest=metadata.digest)
             self.missing.discard(number)
             self.parents.bytes_from[parent_id] += len(data)
             self.last_progress = trio.current_time()
@@ -181,6 +185,7 @@ class PieceCollector:
             self.busy.discard(number)
             self.parents.inflight[parent_id] -= 1
             self._notify()
+        return buffer
 
     def _failed(self, number: int, parent_id: str, exc: PieceError) -> None:
         log.warning("piece failed task=%s piece=%d parent=%s kind=%s error=%s", self.task_id, number, parent_id,

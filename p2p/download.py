@@ -71,10 +71,12 @@ def wanted_pieces(info: TaskInfo, download: common.Download) -> list[Piece]:
 
 def _hash_fd(fd: int, algorithm: str) -> str:
     h = hashlib.new(algorithm)
+    buffer = bytearray(DIGEST_CHUNK)  # reused: fresh memory per read costs more than hashing it
+    view = memoryview(buffer)
     offset = 0
-    while chunk := os.pread(fd, DIGEST_CHUNK, offset):
-        h.update(chunk)
-        offset += len(chunk)
+    while read := os.preadv(fd, [buffer], offset):
+        h.update(view[:read])
+        offset += read
     return h.hexdigest()
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Literal
 
 import trio
 
 from p2p import vortex
-from p2p.pieces import MAX_PIECE_LENGTH, verify_piece
+from p2p.pieces import MAX_PIECE_LENGTH
 from p2p.ratelimit import RateLimiter
 
 PieceErrorKind = Literal["not_found", "corrupt", "network", "refused"]
@@ -27,8 +28,13 @@ class PieceError(Exception):
 
 async def download_piece(host: str, port: int, task_id: str, number: int, *, expected_length: int, timeout: float,
                          limiter: RateLimiter | None = None,
-                         expected_offset: int | None = None) -> tuple[vortex.PieceMetadata, bytes]:
-    """The metadata and verified bytes of piece *number* of *task_id*, fetched within *timeout* seconds."""
+                         expected_offset: int | None = None,
+                         buffer: bytearray | None = None) -> tuple[vortex.PieceMetadata, memoryview]:
+    """The metadata and verified bytes of piece *number* of *task_id*, fetched within *timeout* seconds.
+
+    The bytes land in *buffer* if it is big enough (a caller fetching piece after piece reuses one: fresh
+    memory costs more than the copy), else in a new one; they are valid until the buffer is reused.
+    """
     where = f"piece {number} of task {task_id} from {host}:{port}"
     if not 0 <= expected_length <= MAX_PIECE_LENGTH:
         raise ValueError(f"{where}: expected length {expected_length} outside 0..{MAX_PIECE_LENGTH}")
@@ -39,14 +45,14 @@ async def download_piece(host: str, port: int, task_id: str, number: int, *, exp
                 await stream.send_all(request)
                 metadata = await _receive_metadata(stream, where)
                 _check(metadata, number, expected_length, expected_offset, where)
-                data = await _receive_content(stream, expected_length, limiter)
+                data, crc = await _receive_content(stream, expected_length, limiter, buffer)
     except trio.TooSlowError:
         raise PieceError("network", f"{where}: timed out after {timeout} s") from None
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise PieceError("network", f"{where}: {exc or type(exc).__name__}") from None
     except EOFError:
         raise PieceError("network", f"{where}: connection closed early") from None
-    if not verify_piece(data, metadata.digest):
+    if f"crc32:{crc}" != metadata.digest:
         raise PieceError("corrupt", f"{where}: content does not match digest {metadata.digest!r}")
     return metadata, data
 
@@ -84,11 +90,14 @@ def _check(metadata: vortex.PieceMetadata, number: int, length: int, offset: int
         raise PieceError("corrupt", f"{where}: reply describes (number, length, offset) {got}, wanted {wanted}")
 
 
-async def _receive_content(stream: trio.SocketStream, length: int, limiter: RateLimiter | None) -> bytes:
-    """*length* raw bytes, drawn from *limiter* chunk by chunk."""
-    buffer = bytearray(length)
-    view = memoryview(buffer)
-    done = 0
+async def _receive_content(stream: trio.SocketStream, length: int, limiter: RateLimiter | None,
+                           buffer: bytearray | None) -> tuple[memoryview, int]:
+    """*length* raw bytes (into *buffer* when given, reused across pieces), drawn from *limiter* chunk by chunk,
+    and their crc32, computed as each chunk lands while it is still in the CPU cache."""
+    if buffer is None or len(buffer) < length:
+        buffer = bytearray(length)
+    view = memoryview(buffer)[:length]
+    done = crc = 0
     while done < length:
         size = min(CHUNK_SIZE, length - done)
         if limiter is not None:
@@ -98,5 +107,6 @@ async def _receive_content(stream: trio.SocketStream, length: int, limiter: Rate
             received = await stream.socket.recv_into(view[done:end])
             if not received:
                 raise EOFError
+            crc = zlib.crc32(view[done : done + received], crc)
             done += received
-    return bytes(buffer)
+    return view, crc

@@ -35,7 +35,7 @@ def pieces(content_length: int, length: int) -> list[Piece]:
     return [Piece(n, n * length, min(length, content_length - n * length)) for n in range(count)]
 
 
-def piece_digest(data: bytes) -> str:
+def piece_digest(data: bytes | bytearray | memoryview) -> str:
     """``crc32:<decimal u32>``, as Dragonfly stores and checks piece digests."""
     return f"crc32:{zlib.crc32(data)}"
 

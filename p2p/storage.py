@@ -40,6 +40,9 @@ _TASK_QUERY = """SELECT t.task_id, url, content_length, piece_length, state, dow
     (SELECT COUNT(*) FROM pieces p WHERE p.task_id = t.task_id) FROM tasks t"""
 
 
+Bytes = bytes | bytearray | memoryview
+
+
 class StorageError(Exception):
     """A storage operation that cannot be done; the message names the task and piece."""
 
@@ -213,16 +216,17 @@ class Storage:
         info = PieceInfo(number, offset, len(data), piece_digest(data), parent_id, traffic_type, cost_ns, time.time())
         return self._record(task_id, info)
 
-    async def write_piece_async(self, task_id: str, number: int, data: bytes, *, parent_id: str, traffic_type: int,
-                                cost_ns: int) -> PieceInfo:
-        """``write_piece`` with the bytes written and digested on a worker thread, so the trio loop runs on."""
+    async def write_piece_async(self, task_id: str, number: int, data: Bytes, *, parent_id: str, traffic_type: int,
+                                cost_ns: int, digest: str | None = None) -> PieceInfo:
+        """``write_piece`` with the bytes written (and digested, unless the caller already checked them
+        against *digest*) on a worker thread, so the trio loop runs on."""
         offset = self._check_piece(task_id, number, data)
         existing = self.piece(task_id, number)
         if existing is not None:
             return existing
         created = self._task_or_raise(task_id).created_at
         try:
-            digest = await trio.to_thread.run_sync(_write_file, self.content_path(task_id), data, offset)
+            digest = await trio.to_thread.run_sync(_write_file, self.content_path(task_id), data, offset, digest)
         except FileNotFoundError:
             digest = ""
         now = self.task(task_id)
@@ -234,7 +238,7 @@ class Storage:
         return self._record(task_id, PieceInfo(number, offset, len(data), digest, parent_id, traffic_type, cost_ns,
                                                time.time()))
 
-    def _check_piece(self, task_id: str, number: int, data: bytes) -> int:
+    def _check_piece(self, task_id: str, number: int, data: Bytes) -> int:
         """The offset of piece *number*, or StorageError unless *data* has its length."""
         offset, length = self._task_or_raise(task_id).piece_span(number)
         if len(data) != length:
@@ -381,20 +385,20 @@ class Storage:
             raise StorageError(f"task {task_id} failed")
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: Bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
 
 
-def _write_file(path: Path, data: bytes, offset: int) -> str:
-    """Write *data* at *offset* through a descriptor of its own; the piece digest."""
+def _write_file(path: Path, data: Bytes, offset: int, digest: str | None) -> str:
+    """Write *data* at *offset* through a descriptor of its own; the piece digest (computed if not given)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         _pwrite_all(fd, data, offset)
     finally:
         os.close(fd)
-    return piece_digest(data)
+    return digest or piece_digest(data)
 
 
 def _piece_row(info: PieceInfo) -> tuple[int, int, int, str, str, int, int, float]:

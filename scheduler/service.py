@@ -1,7 +1,7 @@
 """The ``scheduler.v2.Scheduler`` servicer: hosts, peers and tasks (protocol doc §2.3, §2.4).
 
 Handlers run on grpcio's worker threads; every read or write of the resource model holds its lock.
-Cache, persistent and preheat RPCs keep the base class's UNIMPLEMENTED.
+Preheat RPCs delegate to :mod:`scheduler.preheat`; cache and persistent RPCs keep the base class's UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from scheduler import logfmt
 from scheduler.config import SchedulerConfig
 from scheduler.convert import peer_proto, task_proto
 from scheduler.errors import ServiceError
+from scheduler.preheat import Preheater, trailing_metadata
 from scheduler.resources import Host, Peer, Resources, Task
 from scheduler.scheduling import Scheduling
 from scheduler.seeding import SeedTrigger
@@ -45,6 +46,7 @@ class SchedulerService(scheduler_grpc.SchedulerServicer):
         self.clock = clock
         self.scheduling = Scheduling(resources, config, sleep=sleep)
         self.seeds = SeedTrigger(resources, config, clock)
+        self.preheater = Preheater(resources, config)
 
     # Hosts
 
@@ -111,6 +113,20 @@ class SchedulerService(scheduler_grpc.SchedulerServicer):
             return
         finally:
             stream.close()
+
+    # Preheat (protocol doc §5.1)
+
+    def PreheatImage(self, request: scheduler.PreheatImageRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
+        """Resolve an image's manifest and have seed peers download its config and layer blobs."""
+        summary = _abort(context, lambda: self.preheater.preheat_image(request))
+        context.set_trailing_metadata(trailing_metadata(summary))
+        return empty_pb2.Empty()
+
+    def PreheatFile(self, request: scheduler.PreheatFileRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
+        """Have seed peers download one URL."""
+        summary = _abort(context, lambda: self.preheater.preheat_file(request))
+        context.set_trailing_metadata(trailing_metadata(summary))
+        return empty_pb2.Empty()
 
     # Lookups for handlers (lock held)
 

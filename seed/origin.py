@@ -129,7 +129,7 @@ class Origin:
         forwarded = forwarded_headers(headers)
         return await self._retrying("stat", url, lambda guard: self._stat_once(url, forwarded))
 
-    async def read(self, url: str, headers: Mapping[str, str], offset: int, length: int) -> bytes:
+    async def read(self, url: str, headers: Mapping[str, str], offset: int, length: int) -> bytearray:
         """Exactly *length* bytes of *url* from *offset*, by a Range request."""
         if offset < 0 or length <= 0:
             raise ValueError(f"bad range for {url}: offset {offset}, length {length}")
@@ -227,30 +227,34 @@ class Origin:
 
     async def _read_once(
         self, url: str, headers: httpx.Headers, offset: int, length: int, guard: trio.CancelScope
-    ) -> bytes:
+    ) -> bytearray:
         """GET one range and return its body, checked to be exactly that range."""
         async with self._open("GET", url, headers, f"bytes={offset}-{offset + length - 1}") as response:
             _check_range(response, url, offset, length)
             return await self._read_body(response, url, length, guard)
 
-    async def _read_body(self, response: httpx.Response, url: str, length: int, guard: trio.CancelScope) -> bytes:
-        """Stream exactly *length* bytes, paying the limiter per chunk; never hold more than *length*."""
-        body = bytearray()
+    async def _read_body(self, response: httpx.Response, url: str, length: int, guard: trio.CancelScope
+                         ) -> bytearray:
+        """Stream exactly *length* bytes into one buffer, paying the limiter per chunk; never more than *length*."""
+        body = bytearray(length)
+        view = memoryview(body)
+        done = 0
         try:
             async for chunk in response.aiter_raw():
-                if len(body) + len(chunk) > length:
+                if done + len(chunk) > length:
                     raise OriginError(
                         f"origin {_redact(url)} sent more than the {length} bytes asked for", retryable=False
                     )
-                body += chunk
+                view[done : done + len(chunk)] = chunk
+                done += len(chunk)
                 await self._throttle(len(chunk), guard)
         except httpx.TransportError as exc:
             raise OriginError(
-                f"origin {_redact(url)} broke off after {len(body)} of {length} bytes: {describe(exc)}", retryable=True
+                f"origin {_redact(url)} broke off after {done} of {length} bytes: {describe(exc)}", retryable=True
             ) from exc
-        if len(body) < length:
-            raise OriginError(f"origin {_redact(url)} sent {len(body)} of {length} bytes", retryable=True)
-        return bytes(body)
+        if done < length:
+            raise OriginError(f"origin {_redact(url)} sent {done} of {length} bytes", retryable=True)
+        return body
 
     async def _throttle(self, amount: int, guard: trio.CancelScope) -> None:
         """Wait for the bandwidth limiter, moving the attempt's deadline by the time waited."""

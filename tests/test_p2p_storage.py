@@ -88,9 +88,9 @@ async def test_write_piece_async(storage: Storage, monkeypatch: pytest.MonkeyPat
     release = threading.Event()
     original = storage_module._write_file
 
-    def held_write(path: Path, data: bytes, offset: int) -> str:
+    def held_write(path: Path, data: bytes, offset: int, digest: str | None) -> str:
         release.wait(5)
-        return original(path, data, offset)
+        return original(path, data, offset, digest)
 
     monkeypatch.setattr(storage_module, "_write_file", held_write)
     errors: list[StorageError] = []
