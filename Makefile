@@ -41,6 +41,7 @@ bench: deps venv rootfs
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.fuse_read
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.lazy_read
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.cold_start --json /tmp/lazyfs-cold-start.json --png /tmp/lazyfs-cold-start.png
+	$(PY) -m bench.p2p_swarm --json /tmp/lazyfs-p2p-swarm.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
