@@ -174,7 +174,7 @@ def _mount_options(args: argparse.Namespace, mountpoint: Path) -> MountOptions:
 
     backend = args.backend or ("dir" if args.blob_dir else "registry")
     source = SourceSpec(args.source, backend, args.image, Path(args.blob_dir) if args.blob_dir else None,
-                        args.plain_http, args.platform, args.username, args.password)
+                        args.plain_http, args.platform, args.username, args.password, args.peer_proxy)
     prefetch = read_prefetch_list(args.prefetch_list) if args.prefetch_list else ()
     return MountOptions(source, mountpoint, Path(args.cache_dir), args.mode, prefetch, args.prefetch_all,
                         args.prefetch_bandwidth, FetchOptions(read_timeout=args.read_timeout))
@@ -396,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["fuse", "erofs"], default="fuse",
                    help="fuse: lazyfs serves the tree; erofs: the kernel reads metadata, lazyfs serves blob data")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="per-host chunk cache (shared by mounts)")
-    p.add_argument("--backend", choices=["registry", "dir", "p2p"], help="where chunks come from")
+    p.add_argument("--backend", choices=["registry", "dir", "p2p"],
+                   help="where chunks come from (p2p: through the local lazyfs peer's registry mirror)")
+    p.add_argument("--peer-proxy", metavar="URL", default="http://127.0.0.1:4001",
+                   help="--backend p2p: the local peer's proxy (default %(default)s)")
     p.add_argument("--prefetch-list", help="file of paths to prefetch in the background")
     p.add_argument("--prefetch-all", action="store_true", help="prefetch every chunk in the background")
     p.add_argument("--prefetch-bandwidth", type=_size, help="prefetch bandwidth limit in bytes/s (e.g. 50M)")

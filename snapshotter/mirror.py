@@ -9,13 +9,11 @@ from containerd's ``?ns=`` parameter. containerd falls back to ``server`` when t
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from lazyfs.errors import LazyfsError
-from snapshotter.setup import _expected, _lookup, _parse, _set_table, _toml_value
+from snapshotter.setup import _expected, _lookup, _parse, _set_table, _toml_value, write_file
 
 DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
 DEFAULT_MIRROR = "http://127.0.0.1:4001"
@@ -80,23 +78,6 @@ def configure_config_path(text: str, hosts_dir: Path) -> str:
 
 def _quoted(table: tuple[str, ...]) -> list[str]:
     return [part if part.replace("_", "").replace("-", "").isalnum() else _toml_value(part) for part in table]
-
-
-def write_file(path: Path, text: str) -> bool:
-    """Write *text* to *path* atomically; False when it already held exactly that."""
-    if path.exists() and path.read_text() == text:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return True
 
 
 def setup_mirror(config: Path, hosts_dir: Path, mirror: str, registry: str | None) -> list[tuple[Path, bool]]:

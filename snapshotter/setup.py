@@ -62,15 +62,18 @@ def merged_containerd_config(path: Path, name: str, address: str) -> str:
 
 def write_containerd_config(path: Path, name: str, address: str) -> bool:
     """Merge the settings into the file at *path* (created if absent); False when nothing changed."""
-    old = path.read_text() if path.exists() else ""
-    new = configure_containerd(old, name, address)
-    if new == old:
+    return write_file(path, configure_containerd(path.read_text() if path.exists() else "", name, address))
+
+
+def write_file(path: Path, text: str) -> bool:
+    """Write *text* to *path* atomically, keeping its mode; False when it already held exactly that."""
+    if path.exists() and path.read_text() == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as file:
-            file.write(new)
+            file.write(text)
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -45,6 +45,7 @@ class PeerDaemon(Daemon):
     socket: Path = Path()
     data_dir: Path = Path()
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"  # where /metrics is reached from the test process
 
     @property
     def grpc_port(self) -> int:
@@ -53,7 +54,7 @@ class PeerDaemon(Daemon):
 
     def metrics(self) -> dict[str, float]:
         """Its Prometheus samples, by metric name (labels dropped)."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        text = httpx.get(f"http://{self.metrics_host}:{self.metrics_port}/metrics", timeout=5).text
         samples = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -83,10 +84,13 @@ class Swarm:
     root: Path
     daemons: dict[str, Daemon] = field(default_factory=dict)
 
-    def _start(self, name: str, kind: str, args: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path, tuple[int, ...]]:
+    def _start(self, name: str, kind: str, args: Sequence[str],
+               prefix: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], Path, tuple[int, ...]]:
+        """Run ``lazyfs ARGS`` (behind *prefix*, e.g. ``ip netns exec NS``) until its ready line is logged."""
         log = self.root / f"{name}.log"
         with log.open("ab") as out:
-            process = subprocess.Popen(lazyfs_command(*args), stdout=out, stderr=out, start_new_session=True)
+            process = subprocess.Popen([*prefix, *lazyfs_command(*args)], stdout=out, stderr=out,
+                                       start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while not (match := _READY[kind].search(log.read_text(errors="replace"))):
             if process.poll() is not None or time.monotonic() > deadline:

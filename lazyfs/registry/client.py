@@ -87,6 +87,10 @@ class RegistryClient:
     *plain_http* is set; *verify* may be an ``ssl.SSLContext`` trusting a private CA. Uploads larger
     than *chunked_threshold* go in PATCH chunks of *chunk_size*. Where blob downloads get redirected
     (to signed storage URLs, typically) is remembered in *redirects*.
+
+    With *mirror* (``http://127.0.0.1:4001``, say: the local lazyfs peer's proxy), every registry API request
+    goes to the mirror instead, naming the registry in ``X-Dragonfly-Registry``; the registry's token service
+    is still asked directly, and the resulting Authorization header goes to the mirror.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class RegistryClient:
         chunked_threshold: int = 64 << 20,
         verify: ssl.SSLContext | bool = True,
         redirects: RedirectCache | None = None,
+        mirror: str | None = None,
     ) -> None:
         if credentials is None and docker_config:
             credentials = load_docker_credentials(registry)
@@ -115,6 +120,7 @@ class RegistryClient:
             timeout=timeout,
             retry=retry or RetryPolicy(),
             verify=verify,
+            mirror=mirror,
         )
         self._base = self._transport.base_url
         self._redirects = RedirectCache() if redirects is None else redirects

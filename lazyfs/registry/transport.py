@@ -113,8 +113,12 @@ class Transport:
         timeout: float,
         retry: RetryPolicy,
         verify: ssl.SSLContext | bool,
+        mirror: str | None = None,
     ) -> None:
-        self.base_url = f"{'http' if plain_http else 'https'}://{registry_host}"
+        self.upstream = f"{'http' if plain_http else 'https'}://{registry_host}"
+        """The registry itself (``scheme://host[:port]``), also when requests go through a mirror."""
+        self.base_url = mirror.rstrip("/") if mirror else self.upstream
+        self._mirror = httpx.URL(self.base_url) if mirror else None
         self._plain_http = plain_http
         self._retry = retry
         self._http = httpx.AsyncClient(
@@ -131,9 +135,15 @@ class Transport:
         """Close every pooled connection."""
         await self._http.aclose()
 
+    def _to_mirror(self, url: httpx.URL) -> bool:
+        """Whether *url* goes to the mirror (a Dragonfly-style registry mirror, e.g. the local lazyfs peer)."""
+        mirror = self._mirror
+        return mirror is not None and (url.scheme, url.host, url.port) == (mirror.scheme, mirror.host, mirror.port)
+
     async def _check_scheme(self, request: httpx.Request) -> None:
-        """Refuse plain HTTP (redirect targets and token realms included) unless it was asked for."""
-        if request.url.scheme != "https" and not self._plain_http:
+        """Refuse plain HTTP (redirect targets and token realms included) unless it was asked for (or is the
+        mirror's)."""
+        if request.url.scheme != "https" and not self._plain_http and not self._to_mirror(request.url):
             raise ProtocolError(f"refusing plain-HTTP request to {request.url} (plain_http is off)")
 
     @asynccontextmanager
@@ -177,6 +187,8 @@ class Transport:
     async def _attempt(self, call: Call, attempt: int) -> httpx.Response | None:
         """Send once; None after a network error worth retrying (having waited out the backoff)."""
         request = self._http.build_request(call.method, call.url, headers=call.headers, content=call.content)
+        if self._to_mirror(request.url):
+            request.headers["X-Dragonfly-Registry"] = self.upstream  # the mirror's upstream
         authorization = await self.auth.header(call.scopes) if call.authenticate else None
         if authorization:
             request.headers["Authorization"] = authorization
