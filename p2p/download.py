@@ -123,7 +123,12 @@ class Downloader:
     async def start(self, download: common.Download) -> Job:
         """Begin (or join) the download; returns once the task's length is known, raising DownloadError."""
         tid = download_task_id(download)
-        while (running := self.jobs.get(tid)) is not None:  # single flight: wait for the running job
+        while (running := self.jobs.get(tid)) is not None:  # single flight
+            if not running.download.HasField("range"):  # it fetches every piece: join it
+                await running.ready.wait()
+                if running.error:
+                    raise DownloadError(running.error, origin=running.origin_error)
+                return running
             await running.done.wait()
         job = Job(download, tid, peer_id(self.config.ip, self.config.hostname, seed=self.config.seed))
         self.jobs[tid] = job

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from p2p.api import common, dfdaemon, dfdaemon_grpc
-from p2p.download import Downloader, DownloadError
+from p2p.download import Downloader, DownloadError, wanted_pieces
 from p2p.grpc_bridge import Portal, StreamAborted
 from p2p.storage import Storage, StorageError, TaskInfo
 
@@ -52,7 +52,7 @@ async def task_progress(downloader: Downloader, download: common.Download) -> As
                                              peer_id=job.peer_id, **oneof)
 
     have = downloader.storage.pieces(job.task_id)
-    wanted = [p.number for p in job.wanted]
+    wanted = [p.number for p in wanted_pieces(job.info, download)]  # a joined job may want more
     yield answer(download_task_started_response=dfdaemon.DownloadTaskStartedResponse(
         content_length=job.info.content_length, range=download.range if download.HasField("range") else None,
         is_finished=all(n in have for n in wanted)))
