@@ -37,7 +37,8 @@ from bench.common import LAZYFS, ROOT, drop_caches, rootfs, run
 from bench.convert import make_layer_tar, push_layer_image
 from bench.lazy_read import pull_all
 from tests.containerd_fixtures import Containerd, SnapshotterProcess, unmount_all_under
-from tests.registry_fixtures import REGISTRY_BIN, RegistryServer, _wait_until_up
+from tests.hosts import NetnsRegistry, tc_limit, tc_unlimit
+from tests.registry_fixtures import REGISTRY_BIN, RegistryServer
 
 PORT = 5000
 HTTP_PORT = 18080  # `httpd` listens here on the host network (ctr run --net-host)
@@ -80,13 +81,11 @@ class Link:
 
     def shape(self, rate_mbit: int) -> None:
         """Limit the namespace's egress (registry -> host) to *rate_mbit* with a token bucket."""
-        subprocess.run(["ip", "netns", "exec", self.netns, "tc", "qdisc", "replace", "dev", self.ns_veth, "root",
-                        "tbf", "rate", f"{rate_mbit}mbit", "burst", "256kb", "latency", "50ms"], check=True)
+        tc_limit(["ip", "netns", "exec", self.netns], self.ns_veth, rate_mbit)
 
     def unshape(self) -> None:
         """Remove the limit (used while the images are set up)."""
-        subprocess.run(["ip", "netns", "exec", self.netns, "tc", "qdisc", "del", "dev", self.ns_veth, "root"],
-                       check=False, capture_output=True)
+        tc_unlimit(["ip", "netns", "exec", self.netns], self.ns_veth)
 
 
 @contextlib.contextmanager
@@ -115,21 +114,6 @@ def namespace_link() -> Iterator[Link]:
         subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
 
 
-@dataclasses.dataclass
-class NamespaceRegistry(RegistryServer):
-    """docker-registry run inside a network namespace."""
-
-    netns: str = ""
-
-    def start(self) -> None:
-        """Run docker-registry in the namespace; return once it answers."""
-        assert self.config_path is not None and REGISTRY_BIN is not None
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(["ip", "netns", "exec", self.netns, REGISTRY_BIN, "serve",
-                                             str(self.config_path)], stdout=log, stderr=log)
-        _wait_until_up(self, self.process)
-
-
 @contextlib.contextmanager
 def namespace_registry(workdir: Path, link: Link) -> Iterator[RegistryServer]:
     """docker-registry with filesystem storage under *workdir*, listening on the namespace address."""
@@ -144,7 +128,8 @@ def namespace_registry(workdir: Path, link: Link) -> Iterator[RegistryServer]:
         "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}, "delete": {"enabled": True}},
         "http": {"addr": host, "secret": uuid.uuid4().hex},
     }))
-    server = NamespaceRegistry(host, workdir / "storage", workdir / "registry.log", None, config, netns=link.netns)
+    server = NetnsRegistry(host, workdir / "storage", workdir / "registry.log", None, config,
+                           prefix=["ip", "netns", "exec", link.netns])
     try:
         server.start()
         yield server

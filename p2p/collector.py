@@ -28,6 +28,7 @@ from p2p.storage import Storage
 log = logging.getLogger("lazyfs.peer")
 STALL_SECONDS = 60.0  # no piece arrived and none in flight for this long: ask the scheduler again
 SEED_SHARE = 1  # pieces pulled from one seed at once while other peers are parents too
+WIDEN_SECONDS = 1.0  # with only seeds as parents, ask the scheduler for peers (that have since joined) after this
 
 
 @dataclass
@@ -59,7 +60,7 @@ class PieceCollector:
 
     def __init__(self, storage: Storage, task_id: str, host_id: str, wanted: list[Piece], parents: list[common.Peer],
                  reporter: report.Reporter, channels: grpc_bridge.ChannelPool, *, concurrency: int, timeout: float,
-                 limiter: RateLimiter) -> None:
+                 limiter: RateLimiter, widen: bool = False) -> None:
         self.storage = storage
         self.task_id = task_id
         self.host_id = host_id
@@ -75,6 +76,9 @@ class PieceCollector:
         self.busy: set[int] = set()
         self.live_streams = 0
         self.peer_parents = any(not self.parents.is_seed(p) for p in self.parents.peers)
+        self.widen = widen and not self.peer_parents  # stop early to ask for more parents
+        self.winding_down = False
+        self.workers = 0
         self.last_progress = trio.current_time()
         self._changed = trio.Event()
         self._scope = trio.CancelScope()
@@ -141,8 +145,14 @@ class PieceCollector:
         return number, random.choices(holders, [self.parents.weight(p) for p in holders])[0]
 
     async def _watchdog(self) -> None:
+        started = trio.current_time()
         while True:
-            await trio.sleep(1)
+            await trio.sleep(WIDEN_SECONDS if self.widen else 1)
+            if self.widen and trio.current_time() - started >= WIDEN_SECONDS and not self.winding_down:
+                log.info("only seeds as parents task=%s missing=%d: asking the scheduler for peers", self.task_id,
+                         len(self.missing))
+                self.winding_down = True  # workers finish the pieces in flight, then the scheduler is asked again
+                self._notify()
             if not self.busy and trio.current_time() - self.last_progress > STALL_SECONDS:
                 log.warning("no progress task=%s missing=%d: asking the scheduler again", self.task_id,
                             len(self.missing))
@@ -150,7 +160,8 @@ class PieceCollector:
 
     async def _worker(self) -> None:
         buffer = bytearray()  # one per worker, reused piece after piece
-        while self.missing:
+        self.workers += 1
+        while self.missing and not self.winding_down:
             choice = self._pick()
             if choice is None:
                 if self.live_streams == 0 and not self.busy:
@@ -158,7 +169,9 @@ class PieceCollector:
                 await self._changed.wait()
                 continue
             buffer = await self._fetch(*choice, buffer)
-        self._scope.cancel()
+        self.workers -= 1
+        if not self.winding_down or self.workers == 0:
+            self._scope.cancel()
 
     async def _fetch(self, number: int, parent_id: str, buffer: bytearray) -> bytearray:
         piece = self.pieces[number]

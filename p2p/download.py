@@ -294,8 +294,9 @@ class Downloader:
             if kind != "normal_task_response":
                 raise SchedulerUnusable(f"unexpected scheduler answer {kind}")
             self._send_started(reporter, started)
-            started = True
-            if await self._from_parents(job, list(answer.normal_task_response.candidate_parents), reporter):
+            first, started = not started, True
+            if await self._from_parents(job, list(answer.normal_task_response.candidate_parents), reporter,
+                                        first=first):
                 reporter.send(download_peer_finished_request=scheduler.DownloadPeerFinishedRequest())
                 return
         reporter.send(download_peer_failed_request=scheduler.DownloadPeerFailedRequest(
@@ -327,10 +328,11 @@ class Downloader:
         if not started:
             reporter.send(download_peer_started_request=scheduler.DownloadPeerStartedRequest())
 
-    async def _from_parents(self, job: Job, parents: list[common.Peer], reporter: report.SchedulerStream) -> bool:
+    async def _from_parents(self, job: Job, parents: list[common.Peer], reporter: report.SchedulerStream,
+                            first: bool) -> bool:
         collector = PieceCollector(self.storage, job.task_id, self.config.host_id, self._missing(job), parents,
                                    reporter, self.channels, concurrency=self.config.concurrent_pieces,
-                                   timeout=self.config.piece_timeout, limiter=self.limiter)
+                                   timeout=self.config.piece_timeout, limiter=self.limiter, widen=first)
         complete = await collector.run()
         for parent_id, received in collector.parents.bytes_from.items():
             seed = collector.parents.peers[parent_id].host.type == HOST_TYPE_SEED

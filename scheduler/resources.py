@@ -45,6 +45,7 @@ RECEIVED = frozenset({PeerState.RECEIVED_EMPTY, PeerState.RECEIVED_TINY, PeerSta
                       PeerState.RECEIVED_NORMAL})
 _AFTER_RECEIVED = frozenset({PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED, PeerState.FAILED,
                              PeerState.LEAVE})
+_FETCHING = RECEIVED | {PeerState.PENDING, PeerState.RUNNING, PeerState.BACK_TO_SOURCE}
 _MOVES: dict[PeerState, frozenset[PeerState]] = {
     PeerState.PENDING: RECEIVED | {PeerState.FAILED, PeerState.LEAVE},
     **dict.fromkeys(RECEIVED, _AFTER_RECEIVED),
@@ -171,6 +172,22 @@ class Peer:
         self.pieces[piece.number] = piece
         self.piece_costs.append(piece.cost)
         self.updated_at = self.piece_updated_at = now
+
+    def wanted_pieces(self) -> frozenset[int] | None:
+        """The piece numbers this peer's download wants: its range's, or None for every piece."""
+        if self.range is None or self.range[1] <= 0 or self.task.piece_length <= 0:
+            return None
+        start, length = self.range
+        return frozenset(range(start // self.task.piece_length, (start + length - 1) // self.task.piece_length + 1))
+
+    def may_supply(self, wanted: frozenset[int] | None) -> bool:
+        """Whether this peer holds, or is downloading, every piece in *wanted* (None: the whole task)."""
+        if self.finished_all_pieces or (wanted is not None and wanted <= self.pieces.keys()):
+            return True
+        if self.state not in _FETCHING:
+            return False
+        mine = self.wanted_pieces()
+        return mine is None or (wanted is not None and wanted <= mine)
 
     @property
     def finished_all_pieces(self) -> bool:
@@ -300,10 +317,9 @@ class Task:
         """Every parent→child edge."""
         return list(self._edges)
 
-    def has_available_peer(self, exclude: str) -> bool:
-        """Whether some other peer holds or is about to hold the content (so no seed trigger is needed)."""
-        usable = RECEIVED | {PeerState.PENDING, PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED}
-        return any(p.state in usable for p in self.peers.values() if p.id != exclude)
+    def has_available_peer(self, exclude: str, wanted: frozenset[int] | None = None) -> bool:
+        """Whether some other peer holds or is about to hold the wanted pieces (so no seed trigger is needed)."""
+        return any(p.may_supply(wanted) for p in self.peers.values() if p.id != exclude)
 
     def can_back_to_source(self, peer_id: str, limit: int) -> bool:
         """Whether *peer_id* may go back to source: at most *limit* peers of the task do."""

@@ -96,4 +96,6 @@ class Scheduling:
             return False
         if not parent.host.is_seed and task.in_degree(parent.id) == 0 and parent.state not in _ROOT_STATES:
             return False
+        if not parent.may_supply(child.wanted_pieces()):  # it would never send some pieces the child waits for
+            return False
         return not is_bad_parent(parent) and task.can_add_edge(parent.id, child.id)

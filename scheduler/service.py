@@ -157,7 +157,9 @@ class SchedulerService(scheduler_grpc.SchedulerServicer):
         LEVEL1 is forbidden, LEVEL2 gets NOT_FOUND, LEVEL3 goes to source; the other priorities trigger the
         task's seed, falling back to source without seeds or after a recent seed failure (lock held).
         """
-        if host.is_seed or task.seed_in_flight or task.has_available_peer(exclude=peer_id):
+        peer = task.peers.get(peer_id)
+        wanted = peer.wanted_pieces() if peer is not None else None
+        if host.is_seed or (task.seed_in_flight and wanted is None) or task.has_available_peer(peer_id, wanted):
             return False
         priority = download.priority
         if priority == common.Priority.LEVEL1:

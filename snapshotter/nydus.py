@@ -52,6 +52,8 @@ class LazyOptions:
     mode: str = "fuse"  # lazyfs mount mode: fuse | erofs
     cache_dir: Path | None = None  # lazyfs chunk cache (its default when None)
     plain_http: tuple[str, ...] = ()  # registries (host:port, or host for any port) reached over plain HTTP
+    backend: str = "registry"  # where mounts fetch chunks: registry | p2p (through the local lazyfs peer)
+    peer_proxy: str = "http://127.0.0.1:4001"  # the p2p backend's peer proxy (registry mirror)
 
 
 class NydusBackend:
@@ -140,6 +142,8 @@ class NydusBackend:
         plain_http = registry in self.options.plain_http or registry.rsplit(":", 1)[0] in self.options.plain_http
         if plain_http:
             args.append("--plain-http")
+        if self.options.backend == "p2p":
+            args += ["--backend", "p2p", "--peer-proxy", self.options.peer_proxy]
         _check_registry(image, registry, plain_http)
         try:
             self._lazyfs("mount", *args)

@@ -51,7 +51,8 @@ def load_config(path: str | None, root: str | None = None, address: str | None =
     """The config file at *path* (if any) with *root* and *address* overriding it.
 
     Settings: ``root``, ``address``, and in ``[lazyfs]``: ``mode`` (fuse | erofs), ``cache_dir``,
-    ``plain_http`` (registries reached over HTTP, e.g. ``["127.0.0.1:5000"]``).
+    ``plain_http`` (registries reached over HTTP, e.g. ``["127.0.0.1:5000"]``), ``backend`` (registry | p2p:
+    mounts fetch through the local lazyfs peer) and ``peer_proxy`` (that peer's proxy, ``http://127.0.0.1:4001``).
     """
     values: dict[str, object] = {}
     if path is not None:
@@ -74,8 +75,8 @@ def load_config(path: str | None, root: str | None = None, address: str | None =
 
 
 def _lazy_options(section: object) -> LazyOptions:
-    if not isinstance(section, dict) or set(section) - {"mode", "cache_dir", "plain_http"}:
-        raise LazyfsError("config [lazyfs]: expected only mode, cache_dir and plain_http")
+    if not isinstance(section, dict) or set(section) - {"mode", "cache_dir", "plain_http", "backend", "peer_proxy"}:
+        raise LazyfsError("config [lazyfs]: expected only mode, cache_dir, plain_http, backend and peer_proxy")
     mode = section.get("mode", "fuse")
     plain = section.get("plain_http", [])
     cache = section.get("cache_dir")
@@ -83,7 +84,11 @@ def _lazy_options(section: object) -> LazyOptions:
         raise LazyfsError("config [lazyfs]: mode must be fuse or erofs, plain_http a list of registry hosts")
     if cache is not None and not isinstance(cache, str):
         raise LazyfsError("config [lazyfs]: cache_dir must be a path string")
-    return LazyOptions(mode, Path(cache) if cache else None, tuple(plain))
+    backend = section.get("backend", "registry")
+    proxy = section.get("peer_proxy", LazyOptions.peer_proxy)
+    if backend not in ("registry", "p2p") or not isinstance(proxy, str) or not proxy.startswith(("http://", "https://")):
+        raise LazyfsError("config [lazyfs]: backend must be registry or p2p, peer_proxy an http:// URL")
+    return LazyOptions(mode, Path(cache) if cache else None, tuple(plain), backend, proxy)
 
 
 def build_service(root: Path, lazy: LazyOptions | None = None) -> SnapshotService:
