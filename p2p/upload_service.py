@@ -18,7 +18,7 @@ from google.protobuf import empty_pb2
 from p2p.api import common, dfdaemon, dfdaemon_grpc
 from p2p.download import Downloader, DownloadError, wanted_pieces
 from p2p.grpc_bridge import Portal, StreamAborted
-from p2p.storage import Storage, StorageError, TaskInfo
+from p2p.storage import PieceInfo, Storage, StorageError, TaskInfo
 
 HOST_SYNC_INTERVAL = 1.0
 TASK_STATES = {"running": "Running", "succeeded": "Succeeded", "failed": "Failed"}
@@ -92,17 +92,27 @@ class UploadService(dfdaemon_grpc.DfdaemonUploadServicer):
         return info
 
     def SyncPieces(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        """Each interested piece as soon as it is held; ends when all were sent."""
+        """Each interested piece as soon as it is held; ends when all were sent, or, when no download of the
+        task runs here, once the pieces held were sent (the others would never come)."""
         self._task(request.task_id, context)
         numbers = list(request.interested_piece_numbers) or None
         try:
-            for piece in self.portal.iterate(lambda: self.storage.watch(request.task_id, numbers), context):
+            for piece in self.portal.iterate(lambda: self._pieces(request.task_id, numbers), context):
                 yield dfdaemon.SyncPiecesResponse(number=piece.number, offset=piece.offset, length=piece.length,
                                                   ip=self.ip, tcp_port=self.vortex_port)
         except StorageError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except StreamAborted as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def _pieces(self, task_id: str, numbers: list[int] | None) -> AsyncIterator[PieceInfo]:
+        if task_id in self.downloader.jobs:
+            async for piece in self.storage.watch(task_id, numbers):
+                yield piece
+            return
+        held = self.storage.pieces(task_id)
+        for number in sorted(held.keys() if numbers is None else set(numbers) & held.keys()):
+            yield held[number]
 
     def SyncHost(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         """This host, with its current upload rate, every second while the child listens."""
