@@ -19,7 +19,6 @@ class SchedulerConfig:
     retry_back_to_source_limit: int = 4
     retry_interval: float = 0.5
     candidate_parent_limit: int = 4
-    seed_children_limit: int = 2  # children of a seed still fetching from the source, while peers can serve others
     filter_parent_limit: int = 15
     back_to_source_count: int = 200
     host_ttl: float = 3600.0

@@ -83,16 +83,8 @@ class Scheduling:
         others = [p for p in peer.task.peers.values() if p.id != peer.id]
         sample = self._rng.sample(others, min(self._config.filter_parent_limit, len(others)))
         eligible = [p for p in sample if self.eligible(p, peer)]
-        unsaturated = [p for p in eligible if not self._saturated_seed(p)]
-        if unsaturated:  # a seed still fetching from the source feeds a few children, which feed the rest
-            eligible = unsaturated
         eligible.sort(key=lambda p: evaluate(p, peer), reverse=True)
         return eligible[:self._config.candidate_parent_limit]
-
-    def _saturated_seed(self, parent: Peer) -> bool:
-        """A seed going back to source that already has ``seed_children_limit`` children."""
-        return (parent.host.is_seed and parent.state == PeerState.BACK_TO_SOURCE
-                and len(parent.task.children_of(parent.id)) >= self._config.seed_children_limit)
 
     @staticmethod
     def eligible(parent: Peer, child: Peer) -> bool:
