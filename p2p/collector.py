@@ -27,6 +27,7 @@ from p2p.storage import Storage
 
 log = logging.getLogger("lazyfs.peer")
 STALL_SECONDS = 60.0  # no piece arrived and none in flight for this long: ask the scheduler again
+DEFER_SECONDS = 2.0  # a piece a parent refused or held back is asked of it again after this
 SEED_SHARE = 1  # pieces pulled from one seed at once while other peers are parents too
 WIDEN_SECONDS = 1.0  # with only seeds as parents, ask the scheduler for peers (that have since joined) after this
 
@@ -78,6 +79,7 @@ class PieceCollector:
         self.peer_parents = any(not self.parents.is_seed(p) for p in self.parents.peers)
         self.widen = widen and not self.peer_parents  # stop early to ask for more parents
         self.winding_down = False
+        self.deferred: dict[str, dict[int, float]] = {}  # parent -> piece -> not before (refused, held back)
         self.workers = 0
         self.last_progress = trio.current_time()
         self._changed = trio.Event()
@@ -129,11 +131,13 @@ class PieceCollector:
         """A missing piece and a parent for it: pieces other peers can give first (sparing the seed, the swarm's
         only link to the origin), rarest first among them; the parent at random, weighted."""
         best: tuple[tuple[bool, int], int, list[str]] | None = None
+        now = trio.current_time()
         spare = {p for p in self.parents.peers if self.parents.is_seed(p) and self.parents.inflight[p] >= SEED_SHARE
                  and self.peer_parents}
         for number in self.missing - self.busy:
             holders = [p for p in self.parents.holders.get(number, ())
-                       if p not in self.parents.blocked and p not in self.failed_on[number] and p not in spare]
+                       if p not in self.parents.blocked and p not in self.failed_on[number] and p not in spare
+                       and self.deferred.get(p, {}).get(number, 0.0) <= now]
             if not holders:
                 continue
             rank = (all(self.parents.is_seed(p) for p in holders), len(holders))
@@ -153,6 +157,7 @@ class PieceCollector:
                          len(self.missing))
                 self.winding_down = True  # workers finish the pieces in flight, then the scheduler is asked again
                 self._notify()
+            self._notify()  # deferred pieces may be due
             if not self.busy and trio.current_time() - self.last_progress > STALL_SECONDS:
                 log.warning("no progress task=%s missing=%d: asking the scheduler again", self.task_id,
                             len(self.missing))
@@ -201,10 +206,13 @@ class PieceCollector:
         return buffer
 
     def _failed(self, number: int, parent_id: str, exc: PieceError) -> None:
+        if exc.kind in ("refused", "not_found"):
+            # at its upload cap, or a super-seed that just gave the piece to another peer: elsewhere, or later
+            self.deferred.setdefault(parent_id, {})[number] = trio.current_time() + DEFER_SECONDS
+            log.info("piece deferred task=%s piece=%d parent=%s kind=%s", self.task_id, number, parent_id, exc.kind)
+            return
         log.warning("piece failed task=%s piece=%d parent=%s kind=%s error=%s", self.task_id, number, parent_id,
                     exc.kind, exc)
-        if exc.kind == "refused":  # the parent is at its upload cap: try again later, maybe elsewhere
-            return
         self.failed_on[number].add(parent_id)
         if exc.kind in ("corrupt", "network"):
             self.parents.blocked.add(parent_id)

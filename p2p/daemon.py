@@ -96,7 +96,7 @@ async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Peer] = trio
                 trio.open_nursery() as nursery:
             vortex_port = await nursery.start(lambda task_status: serve_pieces(
                 storage, config.listen, config.vortex_port, limiter=RateLimiter(config.upload_limit),
-                max_uploads=config.max_uploads, stats=stats, task_status=task_status))
+                max_uploads=config.max_uploads, stats=stats, super_seed=config.seed, task_status=task_status))
             downloader = Downloader(config, storage, origin, ring, channels, nursery)
             portal = grpc_bridge.Portal(nursery)
             peer = Peer(config, storage, downloader, stats, 0, vortex_port)

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
 REQUEST_TIMEOUT = 30.0  # waiting for a request, or for a client to take a chunk
+SUPER_SEED_HOLD = 5.0  # seconds a super-seed waits before handing the same piece out again
 REMOTE_PEER = 1  # common.v2.TrafficType.REMOTE_PEER, as Dragonfly's server reports
 _REQUEST_SIZE = vortex.TASK_ID_LENGTH + 4
 
@@ -74,10 +75,16 @@ async def _listen(host: str, port: int) -> trio.SocketListener:
 
 
 async def serve_pieces(storage: Storage, host: str, port: int, *, limiter: RateLimiter, max_uploads: int,
-                       stats: UploadStats, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve pieces on *host*:*port* (0 picks a port, reported through ``task_status.started``) until cancelled."""
+                       stats: UploadStats, super_seed: bool = False,
+                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve pieces on *host*:*port* (0 picks a port, reported through ``task_status.started``) until cancelled.
+
+    With *super_seed* (seed peers), a piece of a task still being fetched from the source is handed out once
+    per ``SUPER_SEED_HOLD`` seconds: other children are told NOT_FOUND and get it from the peer that has it,
+    so the seed's upload carries each piece about once (BitTorrent's super-seeding).
+    """
     listener = await _listen(host, port)
-    server = _Server(storage, limiter, max_uploads, stats)
+    server = _Server(storage, limiter, max_uploads, stats, super_seed)
     async with listener, trio.open_nursery() as nursery:
         task_status.started(listener.socket.getsockname()[1])
         await trio.serve_listeners(server.handle, [listener], handler_nursery=nursery)
@@ -89,6 +96,8 @@ class _Server:
     limiter: RateLimiter
     max_uploads: int
     stats: UploadStats
+    super_seed: bool
+    handed_out: dict[tuple[str, int], float] = field(default_factory=dict)  # (task, piece) -> when
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one connection until the client closes it, errs or idles; nothing escapes to the server."""
@@ -136,6 +145,10 @@ class _Server:
         if piece is None:
             await _send_error(stream, ident, vortex.ErrorCode.NOT_FOUND, f"piece {task_id}-{number} not found")
             return
+        if self._held_back(task_id, number):
+            await _send_error(stream, ident, vortex.ErrorCode.NOT_FOUND,
+                              f"piece {task_id}-{number} was just handed to another peer: fetch it from the peers")
+            return
         with contextlib.ExitStack() as stack:
             try:
                 fd = stack.enter_context(self.storage.content_fd(task_id))
@@ -147,6 +160,20 @@ class _Server:
                 await self._send_piece(stream, ident, fd, task_id, piece)
             finally:
                 self.stats.active -= 1
+
+    def _held_back(self, task_id: str, number: int) -> bool:
+        """Super-seeding: whether this piece went to another child moments ago, while the task still runs."""
+        if not self.super_seed:
+            return False
+        task = self.storage.task(task_id)
+        if task is None or task.state != "running":
+            self.handed_out.pop((task_id, number), None)
+            return False
+        now = trio.current_time()
+        if now - self.handed_out.get((task_id, number), -SUPER_SEED_HOLD) < SUPER_SEED_HOLD:
+            return True
+        self.handed_out[(task_id, number)] = now
+        return False
 
     async def _send_piece(self, stream: trio.SocketStream, ident: int, fd: int, task_id: str,
                           piece: PieceInfo) -> None:
