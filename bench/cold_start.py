@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from bench.common import LAZYFS, ROOT, drop_caches, rootfs, run
+from bench.common import LAZYFS, ROOT, drop_caches, pyplot, rootfs, run
 from bench.convert import make_layer_tar, push_layer_image
 from bench.lazy_read import pull_all
 from tests.containerd_fixtures import Containerd, SnapshotterProcess, unmount_all_under
@@ -276,13 +276,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Bar chart of median E2E per case and snapshotter, if matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no chart written to {path}")
-        return
+    plt = pyplot()
     labels = [f"{r['case']}\n{r['rate_mbit']} Mbit/s" for r in results]
     xs = range(len(results))
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(results), 4))

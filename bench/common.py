@@ -102,3 +102,13 @@ def lazyfs_status(mountpoint: Path) -> dict[str, Any]:
     wanted = str(mountpoint.resolve())
     entry: dict[str, Any] = next(m for m in json.loads(out) if m["mountpoint"] == wanted)
     return entry
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, for ``--png`` charts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

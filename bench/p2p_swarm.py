@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.common import pyplot
 from tests.hosts import Host, HostBed, host_swarm, netns_registry, tools_missing
 from tests.registry_fixtures import RegistryServer, run_registry
 from tests.swarm import PeerDaemon, push_blob, sha256_file, swarm
@@ -310,13 +311,7 @@ def print_netns_table(results: list[dict[str, Any]], size: int, rate_mbit: float
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Time vs N for the swarm, registry-only and the bound, if matplotlib is importable."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no chart written to {path}")
-        return
+    plt = pyplot()
     ns = [r["n"] for r in results]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ns, [r["swarm"]["seconds"] for r in results], "o-", label="swarm (lazyfs peers)")
