@@ -50,6 +50,12 @@ class Announcer:
                 last_round = trio.current_time()
             await trio.sleep(RETRY_SECONDS)
 
+    def lost(self, target: str) -> None:
+        """A call to *target* found it unreachable: announce again (host and tasks) once it answers."""
+        if target in self.up:
+            log.warning("scheduler lost scheduler=%s", target)
+        self.up.discard(target)
+
     async def announce(self, target: str) -> bool:
         """AnnounceHost to *target*; on the first success after a loss, announce the completed tasks too."""
         stub = scheduler_stub(self.channels.get(target))

@@ -116,7 +116,7 @@ async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Peer] = trio
                 peer.proxy = Proxy(config, downloader, storage)
                 peer.proxy_port = await nursery.start(peer.proxy.serve, config.proxy_listen, config.proxy_port)
             announcer = Announcer(config, ring, storage, channels, peer.host)
-            downloader.announce = announcer.announce
+            downloader.announcer = announcer
             nursery.start_soon(announcer.run)
             nursery.start_soon(_collect_garbage, peer, channels, ring)
             log.info("peer ready host_id=%s seed=%s grpc_port=%d vortex_port=%d socket=%s schedulers=%s proxy_port=%d",

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import trio
@@ -29,6 +29,9 @@ from p2p.scheduler_ring import SchedulerRing
 from p2p.storage import Storage, StorageError, TaskInfo
 from p2p.taskid import blob_digest_task_id, content_task_id, peer_id, task_id
 from seed.origin import Origin, OriginError
+
+if TYPE_CHECKING:
+    from p2p.announcer import Announcer
 
 log = logging.getLogger("lazyfs.peer")
 DIGEST_CHUNK = 8 << 20
@@ -117,7 +120,7 @@ class Downloader:
         self.limiter = RateLimiter(config.download_limit)
         self.jobs: dict[str, Job] = {}
         self.verified: dict[str, str] = {}  # task id -> the digest its complete content was checked against
-        self.announce: Callable[[str], Awaitable[bool]] | None = None  # AnnounceHost to a scheduler, set by the daemon
+        self.announcer: Announcer | None = None  # keeps schedulers informed; set by the daemon
         self.counters = {"downloads": 0, "download_failures": 0, "peer_bytes": 0, "seed_bytes": 0, "source_bytes": 0}
 
     async def start(self, download: common.Download) -> Job:
@@ -248,7 +251,10 @@ class Downloader:
         try:
             await self._announce_peer(job, target)
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND or self.announce is None or not await self.announce(target):
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.announcer is not None:
+                self.announcer.lost(target)  # announce host and tasks again when it answers
+            if (exc.code() != grpc.StatusCode.NOT_FOUND or self.announcer is None
+                    or not await self.announcer.announce(target)):
                 raise SchedulerUnusable(f"scheduler {target}: {exc.code().name} {exc.details()}") from exc
             log.info("scheduler did not know this host: announced again scheduler=%s", target)  # it restarted
             try:
