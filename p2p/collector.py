@@ -148,6 +148,11 @@ class PieceCollector:
         _, number, holders = best
         return number, random.choices(holders, [self.parents.weight(p) for p in holders])[0]
 
+    def _deferred_pending(self) -> bool:
+        """Whether a missing piece waits only for a deferral to pass (the watchdog retries it every second)."""
+        return any(number in self.missing and parent not in self.parents.blocked
+                   for parent, numbers in self.deferred.items() for number in numbers)
+
     async def _watchdog(self) -> None:
         started = trio.current_time()
         while True:
@@ -169,7 +174,7 @@ class PieceCollector:
         while self.missing and not self.winding_down:
             choice = self._pick()
             if choice is None:
-                if self.live_streams == 0 and not self.busy:
+                if self.live_streams == 0 and not self.busy and not self._deferred_pending():
                     break
                 await self._changed.wait()
                 continue
