@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import pyplot
-from tests.hosts import Host, HostBed, host_swarm, netns_registry, tools_missing
+from tests.hosts import Host, HostBed, HostSwarm, netns_registry, tools_missing
 from tests.registry_fixtures import RegistryServer, run_registry
-from tests.swarm import PeerDaemon, push_blob, sha256_file, swarm
+from tests.swarm import PeerDaemon, Swarm, push_blob, sha256_file, swarm
 
 MiB = 1 << 20
 CPUS = os.cpu_count() or 1
@@ -165,12 +165,12 @@ def swarm_run(registry: RegistryServer, url: str, digest: str, size: int, n: int
     try:
         with contextlib.ExitStack() as stack:
             if bed is None:
-                group = stack.enter_context(swarm(root))
+                group: Swarm = stack.enter_context(swarm(root))
                 sched = group.scheduler()
                 seed = group.peer("seed", [sched], seed=True)
                 peers = [group.peer(f"peer{i}", [sched]) for i in range(n)]
             else:
-                hosts = stack.enter_context(host_swarm(root))
+                hosts = stack.enter_context(swarm(root, HostSwarm))
                 sched = hosts.scheduler_on(bed.hosts[0])
                 seed = hosts.peer_on(bed.hosts[0], "seed", [sched], seed=True)
                 peers = [hosts.peer_on(bed.hosts[i + 1], f"peer{i}", [sched]) for i in range(n)]

@@ -48,7 +48,7 @@ class Peer:
 
     def host(self) -> common.Host:
         """This host as announced, with its current upload rate."""
-        return describe(self.config, self.stats.rate(), grpc_port=self.grpc_port, vortex_port=self.vortex_port,
+        return describe(self.config, self.stats.rate(), grpc_port=self.grpc_port,
                         proxy_port=self.proxy_port)
 
     def metrics(self) -> str:

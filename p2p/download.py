@@ -95,15 +95,8 @@ class Job:
     ready: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
-    source_bytes: int = 0
     ranges: bool = True  # whether the origin honours Range (learnt from its stat)
     origin_error: OriginError | None = None  # the origin's refusal, if that is how the job failed
-
-    def fail(self, message: str) -> None:
-        """Record the failure and wake every waiter."""
-        self.error = message
-        self.ready.set()
-        self.done.set()
 
 
 class Downloader:
@@ -141,15 +134,6 @@ class Downloader:
             raise DownloadError(job.error, origin=job.origin_error)
         return job
 
-    async def fetch(self, download: common.Download) -> TaskInfo:
-        """Download to completion; returns the task's record."""
-        job = await self.start(download)
-        await job.done.wait()
-        if job.error:
-            raise DownloadError(job.error)
-        assert job.info is not None
-        return job.info
-
     async def _run(self, job: Job) -> None:
         self.counters["downloads"] += 1
         try:
@@ -160,14 +144,14 @@ class Downloader:
         except Exception as exc:  # one failed download must not take the daemon down
             self.counters["download_failures"] += 1
             expected = isinstance(exc, DownloadError | SourceFailed | OriginError | StorageError)
-            log.log(logging.ERROR, "download failed task=%s url=%s error=%s", job.task_id, job.download.url, exc,
-                    exc_info=not expected)
+            log.error("download failed task=%s url=%s error=%s", job.task_id, job.download.url, exc,
+                      exc_info=not expected)
             stored = self.storage.task(job.task_id)
             if stored is not None and stored.state != "succeeded":  # a complete task stays served
                 self.storage.fail_task(job.task_id)
             job.origin_error = exc if isinstance(exc, OriginError) else None
-            job.fail(str(exc) if expected else f"internal error: {exc!r}")
-        finally:
+            job.error = str(exc) if expected else f"internal error: {exc!r}"
+        finally:  # wakes every waiter, whatever happened
             self.jobs.pop(job.task_id, None)
             job.ready.set()
             job.done.set()
@@ -211,10 +195,6 @@ class Downloader:
                                               concurrency=self.config.concurrent_pieces)
         else:
             fetched = await stream_from_source(self.storage, self.origin, job.download, job.info, reporter)
-        self._fetched_from_source(job, fetched)
-
-    def _fetched_from_source(self, job: Job, fetched: int) -> None:
-        job.source_bytes += fetched
         self.counters["source_bytes"] += fetched
 
     async def _verify(self, job: Job) -> None:

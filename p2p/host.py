@@ -34,16 +34,13 @@ def _cpu() -> common.CPU:
     return common.CPU(logical_count=count, physical_count=count, percent=min(100.0, 100.0 * load / count))
 
 
-def describe(config: PeerConfig, tx_rate: float, *, grpc_port: int, vortex_port: int,
-             proxy_port: int = 0) -> common.Host:
+def describe(config: PeerConfig, tx_rate: float, *, grpc_port: int, proxy_port: int = 0) -> common.Host:
     """The host message to announce; *tx_rate* is the current upload rate in bytes/s.
 
     ``port`` and ``download_port`` are both the gRPC upload port, as Dragonfly's client announces them;
     the Vortex port travels in SyncPieces answers.
     """
-    del vortex_port  # announced per piece, in SyncPiecesResponse.tcp_port
     uname = platform.uname()
-    config.data_dir.mkdir(parents=True, exist_ok=True)
     return common.Host(
         id=config.host_id, type=HOST_TYPE_SEED if config.seed else HOST_TYPE_NORMAL, hostname=config.hostname,
         ip=config.ip, port=grpc_port, download_port=grpc_port, proxy_port=proxy_port, os=uname.system.lower(),

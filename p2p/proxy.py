@@ -49,12 +49,10 @@ from p2p.config import PeerConfig
 from p2p.download import Downloader, DownloadError, Job, download_task_id
 from p2p.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from p2p.storage import SUCCEEDED, Storage, StorageError
-from seed.origin import OriginError
+from seed.origin import HOP_BY_HOP, OriginError
 
 log = logging.getLogger("lazyfs.proxy")
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-                        "te", "trailer", "transfer-encoding", "upgrade"})
 MAX_HEAD = 64 << 10  # request line and headers
 MAX_DRAINED = 1 << 20  # body of a request we answer ourselves
 SEND_CHUNK = 1 << 20

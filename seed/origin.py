@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Attempt = Callable[[trio.CancelScope], Awaitable[T]]
 
-_HOP_BY_HOP = frozenset(
+HOP_BY_HOP = frozenset(  # RFC 9110 connection-specific headers (and the old proxy ones): never forwarded
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer"}
     | {"transfer-encoding", "upgrade"}
 )
-_NOT_FORWARDED = _HOP_BY_HOP | {"host", "range", "content-length", "accept-encoding"}
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "range", "content-length", "accept-encoding"}
 _CREDENTIAL_HEADERS = ("authorization", "cookie")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # 403 too: a URL pre-signed for GET (S3, GCS) refuses HEAD.
@@ -492,7 +492,7 @@ def _content_length(response: httpx.Response) -> int | None:
 
 def _info_headers(response: httpx.Response, total: int) -> dict[str, str]:
     """The origin's headers describing the whole content: hop-by-hop and range headers dropped."""
-    headers = {k: v for k, v in response.headers.items() if k not in _HOP_BY_HOP and k != "content-range"}
+    headers = {k: v for k, v in response.headers.items() if k not in HOP_BY_HOP and k != "content-range"}
     headers["content-length"] = str(total)
     return headers
 

@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from tests.registry_fixtures import REGISTRY_BIN, RegistryServer, _wait_until_up
-from tests.swarm import Daemon, PeerDaemon, Swarm, lazyfs_command
+from tests.swarm import PeerDaemon, Swarm
 
 PREFIX = "lzh"  # every namespace (lzh-*) and root-side veth (lzh*b) the bed creates
 BRIDGE = "lzbr0"
@@ -238,42 +238,17 @@ class HostSwarm(Swarm):
 
     def scheduler_on(self, host: Host, name: str = "scheduler", *extra: str, port: int = SCHEDULER_PORT) -> str:
         """Start a scheduler inside *host*; returns its ``address:port``."""
-        listen = f"{host.address}:{port}"
-        process, log, ports = self._start(name, "scheduler", ["scheduler", "--listen", listen, *extra], host.prefix)
-        self.daemons[name] = Daemon(name, process, log, ports)
-        return listen
+        return self.scheduler(name, *extra, port=port, address=host.address, prefix=host.prefix)
 
     def peer_on(self, host: Host, name: str, schedulers: Sequence[str], *extra: str, seed: bool = False,
                 metrics_port: int = METRICS_PORT) -> PeerDaemon:
         """Start a peer (or seed peer) named *name* inside *host*; its metrics are reached at the host's address."""
-        data_dir = self.root / name
-        socket_path = self.root / f"{name}.sock"
-        args = ["peer", "--hostname", name, "--data-dir", str(data_dir), "--socket", str(socket_path),
-                "--ip", host.address, "--listen", host.address, "--grpc-port", "0", "--vortex-port", "0",
-                "--metrics-port", str(metrics_port), *extra]
-        args += [a for s in schedulers for a in ("--scheduler", s)]
-        if seed:
-            args.append("--seed")
-        process, log, ports = self._start(name, "peer", args, host.prefix)
-        daemon = PeerDaemon(name, process, log, ports, socket_path, data_dir, metrics_port, host.address)
-        self.daemons[name] = daemon
-        return daemon
+        return self.peer(name, schedulers, *extra, seed=seed, address=host.address, prefix=host.prefix,
+                         metrics_port=metrics_port)
 
     def get_on(self, host: Host, peer: PeerDaemon, url: str, output: Path, *extra: str) -> subprocess.Popen[bytes]:
         """Start ``lazyfs get`` through *peer*, inside *host*."""
-        return host.popen(lazyfs_command("get", url, "-O", str(output), "--socket", str(peer.socket), "-q", *extra),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-@contextlib.contextmanager
-def host_swarm(root: Path) -> Iterator[HostSwarm]:
-    """A :class:`HostSwarm` rooted at *root*; every daemon is stopped on exit."""
-    root.mkdir(parents=True, exist_ok=True)
-    group = HostSwarm(root)
-    try:
-        yield group
-    finally:
-        group.close()
+        return self.get(peer, url, output, *extra, prefix=host.prefix)
 
 
 _SEND = """

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -99,33 +100,37 @@ class Swarm:
             time.sleep(0.05)
         return process, log, tuple(int(g) for g in match.groups())
 
-    def scheduler(self, name: str = "scheduler", *extra: str, port: int = 0) -> str:
-        """Start a scheduler; returns its ``host:port``."""
-        listen = f"127.0.0.1:{port or _free_port()}"
-        process, log, ports = self._start(name, "scheduler", ["scheduler", "--listen", listen, *extra])
+    def scheduler(self, name: str = "scheduler", *extra: str, port: int = 0, address: str = "127.0.0.1",
+                  prefix: Sequence[str] = ()) -> str:
+        """Start a scheduler (behind *prefix*, listening on *address*); returns its ``host:port``."""
+        listen = f"{address}:{port or _free_port()}"
+        process, log, ports = self._start(name, "scheduler", ["scheduler", "--listen", listen, *extra], prefix)
         self.daemons[name] = Daemon(name, process, log, ports)
         return listen
 
-    def peer(self, name: str, schedulers: Sequence[str], *extra: str, seed: bool = False) -> PeerDaemon:
-        """Start a peer (or seed peer) named *name* (its host name too)."""
+    def peer(self, name: str, schedulers: Sequence[str], *extra: str, seed: bool = False, address: str = "127.0.0.1",
+             prefix: Sequence[str] = (), metrics_port: int | None = None) -> PeerDaemon:
+        """Start a peer (or seed peer) named *name* (its host name too), behind *prefix*, on *address*."""
         data_dir = self.root / name
         socket_path = self.root / f"{name}.sock"
-        metrics_port = _free_port()
+        metrics_port = metrics_port or _free_port()
         args = ["peer", "--hostname", name, "--data-dir", str(data_dir), "--socket", str(socket_path),
-                "--ip", "127.0.0.1", "--listen", "127.0.0.1", "--grpc-port", "0", "--vortex-port", "0",
+                "--ip", address, "--listen", address, "--grpc-port", "0", "--vortex-port", "0",
                 "--metrics-port", str(metrics_port), *extra]
         args += [a for s in schedulers for a in ("--scheduler", s)]
         if seed:
             args.append("--seed")
-        process, log, ports = self._start(name, "peer", args)
-        daemon = PeerDaemon(name, process, log, ports, socket_path, data_dir, metrics_port)
+        process, log, ports = self._start(name, "peer", args, prefix)
+        daemon = PeerDaemon(name, process, log, ports, socket_path, data_dir, metrics_port, address)
         self.daemons[name] = daemon
         return daemon
 
-    def get(self, peer: PeerDaemon, url: str, output: Path, *extra: str) -> subprocess.Popen[bytes]:
-        """Start ``lazyfs get`` through *peer*."""
-        return subprocess.Popen(lazyfs_command("get", url, "-O", str(output), "--socket", str(peer.socket), "-q",
-                                               *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def get(self, peer: PeerDaemon, url: str, output: Path, *extra: str,
+            prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """Start ``lazyfs get`` through *peer* (behind *prefix*)."""
+        return subprocess.Popen([*prefix, *lazyfs_command("get", url, "-O", str(output), "--socket", str(peer.socket),
+                                                          "-q", *extra)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a daemon and wait for it to go."""
@@ -150,11 +155,14 @@ class Swarm:
                 daemon.process.wait()
 
 
+S = TypeVar("S", bound=Swarm)
+
+
 @contextlib.contextmanager
-def swarm(root: Path) -> Iterator[Swarm]:
-    """A swarm rooted at *root*, torn down on exit."""
+def swarm(root: Path, kind: type[S] = Swarm) -> Iterator[S]:  # type: ignore[assignment]
+    """A swarm (of *kind*) rooted at *root*, torn down on exit."""
     root.mkdir(parents=True, exist_ok=True)
-    group = Swarm(root)
+    group = kind(root)
     try:
         yield group
     finally:

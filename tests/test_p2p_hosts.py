@@ -16,7 +16,7 @@ import pytest
 
 from tests.hosts import (
     HostBed,
-    host_swarm,
+    HostSwarm,
     leftover_links,
     leftover_namespaces,
     netns_registry,
@@ -24,7 +24,7 @@ from tests.hosts import (
     transfer_seconds,
 )
 from tests.registry_fixtures import REGISTRY_BIN
-from tests.swarm import PeerDaemon, push_blob, sha256_file
+from tests.swarm import PeerDaemon, push_blob, sha256_file, swarm
 
 pytestmark = pytest.mark.root
 
@@ -69,7 +69,7 @@ def test_second_host_gets_the_blob_from_peers(bed: HostBed, tmp_path: Path) -> N
         digest = push_blob(registry.url, "hosts/blob", os.urandom(SIZE))
         url = f"{registry.url}/v2/hosts/blob/blobs/{digest}"
         before = registry.bytes_served()
-        with host_swarm(tmp_path / "swarm") as group:
+        with swarm(tmp_path / "swarm", HostSwarm) as group:
             sched = group.scheduler_on(h0)
             seed = group.peer_on(h0, "seed", [sched], seed=True)
             p1 = group.peer_on(h1, "peer1", [sched])
