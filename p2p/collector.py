@@ -9,6 +9,7 @@ already pulling from it. Every piece is checked against its digest before it is 
 from __future__ import annotations
 
 import logging
+import mmap
 import random
 import time
 from collections import Counter, defaultdict
@@ -20,6 +21,7 @@ import trio
 from p2p import grpc_bridge
 from p2p import reporter as report
 from p2p.api import HOST_TYPE_SEED, common, dfdaemon, upload_stub
+from p2p.direct_io import aligned_buffer
 from p2p.piece_client import PieceError, download_piece
 from p2p.pieces import Piece
 from p2p.ratelimit import RateLimiter
@@ -169,7 +171,7 @@ class PieceCollector:
                 self._scope.cancel()
 
     async def _worker(self) -> None:
-        buffer = bytearray()  # one per worker, reused piece after piece
+        buffer = aligned_buffer(0)  # one per worker, reused piece after piece
         self.workers += 1
         while self.missing and not self.winding_down:
             choice = self._pick()
@@ -183,14 +185,14 @@ class PieceCollector:
         if not self.winding_down or self.workers == 0:
             self._scope.cancel()
 
-    async def _fetch(self, number: int, parent_id: str, buffer: bytearray) -> bytearray:
+    async def _fetch(self, number: int, parent_id: str, buffer: mmap.mmap) -> mmap.mmap:
         piece = self.pieces[number]
         host, port = self.parents.address[parent_id]
         self.busy.add(number)
         self.parents.inflight[parent_id] += 1
         start = time.monotonic_ns()
         if len(buffer) < piece.length:
-            buffer = bytearray(piece.length)
+            buffer = aligned_buffer(piece.length)
         try:
             metadata, data = await download_piece(host, port, self.task_id, number, expected_length=piece.length,
                                                   timeout=self.timeout, limiter=self.limiter, buffer=buffer)

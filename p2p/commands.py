@@ -46,6 +46,7 @@ def _download(args: argparse.Namespace) -> Any:
     download = common.Download(url=args.url, type=common.STANDARD, request_header=headers,
                                output_path=str(Path(args.output).resolve()), overwrite=True,
                                disable_back_to_source=args.disable_back_to_source,
+                               force_hard_link=args.force_hard_link,
                                filtered_query_params=args.filtered_query_param, priority=common.LEVEL0)
     for name in ("tag", "application", "digest"):
         if getattr(args, name):
@@ -149,6 +150,9 @@ def register(add: Add, log_to_stderr: Callable[[], None]) -> None:
     p.add_argument("--piece-length", type=_rate, help="piece length (4 MiB..64 MiB; part of the task id)")
     p.add_argument("--filtered-query-param", action="append", default=[], help="query key left out of the task id")
     p.add_argument("--disable-back-to-source", action="store_true", help="fail rather than fetch from the origin")
+    p.add_argument("--force-hard-link", action="store_true",
+                   help="fail rather than copy when the output cannot be a hard link to the peer's cached content "
+                        "(by default a link is made when possible, else a copy)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole download (default 3600)")
     p.add_argument("--socket", default=str(DEFAULT_SOCKET), help=f"peer daemon socket (default {DEFAULT_SOCKET})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")

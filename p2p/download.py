@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ from p2p.api import HOST_TYPE_SEED, common, scheduler, scheduler_stub
 from p2p.backsource import SourceFailed, fetch_from_source, stream_from_source
 from p2p.collector import PieceCollector
 from p2p.config import PeerConfig
+from p2p.direct_io import aligned_buffer, read_into
 from p2p.pieces import Piece, piece_length, pieces
 from p2p.ratelimit import RateLimiter
 from p2p.scheduler_ring import SchedulerRing
@@ -74,12 +74,12 @@ def wanted_pieces(info: TaskInfo, download: common.Download) -> list[Piece]:
 
 def _hash_fd(fd: int, algorithm: str) -> str:
     h = hashlib.new(algorithm)
-    buffer = bytearray(DIGEST_CHUNK)  # reused: fresh memory per read costs more than hashing it
-    view = memoryview(buffer)
-    offset = 0
-    while read := os.preadv(fd, [buffer], offset):
-        h.update(view[:read])
-        offset += read
+    buffer = aligned_buffer(DIGEST_CHUNK)  # one per call, reused read after read
+    offset, data = 0, read_into(fd, buffer, 0, DIGEST_CHUNK)
+    while data:
+        h.update(data)
+        offset += len(data)
+        data = read_into(fd, buffer, offset, DIGEST_CHUNK) if len(data) == DIGEST_CHUNK else data[:0]
     return h.hexdigest()
 
 
@@ -218,7 +218,7 @@ class Downloader:
         algorithm, _, expected = digest.partition(":")
         if algorithm not in ("sha256", "sha512"):
             raise DownloadError(f"unsupported digest {digest!r}")
-        with self.storage.content_fd(tid) as fd:
+        with self.storage.content_fd(tid, direct=True) as fd:
             actual = await trio.to_thread.run_sync(_hash_fd, fd, algorithm)
         if actual != expected:
             raise DownloadError(f"task {tid}: content is {algorithm}:{actual}, expected {digest}")

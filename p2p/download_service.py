@@ -1,11 +1,14 @@
 """``dfdaemon.v2.DfdaemonDownload`` on the peer's unix socket: downloads for local clients (``lazyfs get``).
 
-DownloadTask streams progress like the upload port's, then writes ``output_path`` (a copy made in the
-kernel, or a hard link when asked and possible). Local tasks can be listed, inspected and deleted.
+DownloadTask streams progress like the upload port's, then writes ``output_path``: a hard link to the task's
+content file when the whole content is asked for and the output is on the same filesystem (as Dragonfly's
+client does; no copy), else a copy made in the kernel (``force_hard_link`` turns that fallback into an error).
+Local tasks can be listed, inspected and deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,17 +44,46 @@ def local_task(info: TaskInfo) -> dfdaemon.StatLocalTaskResponse:
 
 def write_output(source_fd: int, output: Path, offset: int, length: int, *, overwrite: bool) -> None:
     """Copy *length* bytes at *offset* of a task's content to *output*, atomically by rename."""
-    if output.exists() and not overwrite:
-        raise DownloadError(f"{output} exists (set overwrite)")
-    partial = output.with_name(f".{output.name}.lazyfs-partial")
+    partial = _partial(output, overwrite)
     with open(partial, "wb") as out:
         done = 0
         while done < length:
-            copied = os.copy_file_range(source_fd, out.fileno(), min(COPY_CHUNK, length - done), offset + done)
+            copied = _copy(source_fd, out.fileno(), min(COPY_CHUNK, length - done), offset + done)
             if copied == 0:
                 raise DownloadError(f"task content ended after {done} of {length} bytes")
             done += copied
     partial.replace(output)
+
+
+def _copy(source_fd: int, out_fd: int, size: int, offset: int) -> int:
+    """Bytes copied in the kernel: copy_file_range, or sendfile across filesystems where it refuses."""
+    try:
+        return os.copy_file_range(source_fd, out_fd, size, offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    return os.sendfile(out_fd, source_fd, offset, size)
+
+
+def link_output(content: Path, output: Path, *, overwrite: bool) -> bool:
+    """Hard-link a task's whole content file to *output* (atomically by rename); False where links cannot go
+    (another filesystem, a filesystem without links)."""
+    partial = _partial(output, overwrite)
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(content, partial)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return False
+        raise
+    partial.replace(output)
+    return True
+
+
+def _partial(output: Path, overwrite: bool) -> Path:
+    if output.exists() and not overwrite:
+        raise DownloadError(f"{output} exists (set overwrite)")
+    return output.with_name(f".{output.name}.lazyfs-partial")
 
 
 class DownloadService(dfdaemon_grpc.DfdaemonDownloadServicer):
@@ -87,8 +119,15 @@ class DownloadService(dfdaemon_grpc.DfdaemonDownloadServicer):
         start = download.range.start if download.HasField("range") else 0
         length = download.range.length if download.HasField("range") and download.range.length else (
             info.content_length - start)
+        output = Path(download.output_path)
+        if (start, length) == (0, info.content_length) and info.state == "succeeded":
+            content = self.storage.content_path(tid)
+            if await trio.to_thread.run_sync(lambda: link_output(content, output, overwrite=download.overwrite)):
+                return
+        if download.force_hard_link:
+            raise DownloadError(f"cannot hard-link task {tid} to {output} (another filesystem, or a range)")
         with self.storage.content_fd(tid) as fd:
-            await trio.to_thread.run_sync(lambda: write_output(fd, Path(download.output_path), start, length,
+            await trio.to_thread.run_sync(lambda: write_output(fd, output, start, length,
                                                                overwrite=download.overwrite))
 
     def StatTask(self, request: Any, context: grpc.ServicerContext) -> Any:

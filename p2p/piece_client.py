@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import zlib
+import mmap
 from typing import Literal
 
 import trio
 
 from p2p import vortex
-from p2p.pieces import MAX_PIECE_LENGTH
+from p2p.direct_io import aligned_buffer
+from p2p.pieces import MAX_PIECE_LENGTH, crc32
 from p2p.ratelimit import RateLimiter
 
 PieceErrorKind = Literal["not_found", "corrupt", "network", "refused"]
@@ -29,11 +30,12 @@ class PieceError(Exception):
 async def download_piece(host: str, port: int, task_id: str, number: int, *, expected_length: int, timeout: float,
                          limiter: RateLimiter | None = None,
                          expected_offset: int | None = None,
-                         buffer: bytearray | None = None) -> tuple[vortex.PieceMetadata, memoryview]:
+                         buffer: mmap.mmap | None = None) -> tuple[vortex.PieceMetadata, memoryview]:
     """The metadata and verified bytes of piece *number* of *task_id*, fetched within *timeout* seconds.
 
     The bytes land in *buffer* if it is big enough (a caller fetching piece after piece reuses one: fresh
-    memory costs more than the copy), else in a new one; they are valid until the buffer is reused.
+    memory costs more than the copy), else in a new one; they are valid until the buffer is reused. Buffers
+    are page aligned, so storage can write them to disk directly.
     """
     where = f"piece {number} of task {task_id} from {host}:{port}"
     if not 0 <= expected_length <= MAX_PIECE_LENGTH:
@@ -91,11 +93,11 @@ def _check(metadata: vortex.PieceMetadata, number: int, length: int, offset: int
 
 
 async def _receive_content(stream: trio.SocketStream, length: int, limiter: RateLimiter | None,
-                           buffer: bytearray | None) -> tuple[memoryview, int]:
+                           buffer: mmap.mmap | None) -> tuple[memoryview, int]:
     """*length* raw bytes (into *buffer* when given, reused across pieces), drawn from *limiter* chunk by chunk,
     and their crc32, computed as each chunk lands while it is still in the CPU cache."""
     if buffer is None or len(buffer) < length:
-        buffer = bytearray(length)
+        buffer = aligned_buffer(length)
     view = memoryview(buffer)[:length]
     done = crc = 0
     while done < length:
@@ -107,6 +109,6 @@ async def _receive_content(stream: trio.SocketStream, length: int, limiter: Rate
             received = await stream.socket.recv_into(view[done:end])
             if not received:
                 raise EOFError
-            crc = zlib.crc32(view[done : done + received], crc)
+            crc = crc32(view[done : done + received], crc)
             done += received
     return view, crc

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
+
+from isal import isal_zlib
 
 MIN_PIECE_LENGTH = 4 << 20
 MAX_PIECE_LENGTH = 64 << 20
@@ -35,9 +36,14 @@ def pieces(content_length: int, length: int) -> list[Piece]:
     return [Piece(n, n * length, min(length, content_length - n * length)) for n in range(count)]
 
 
+def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """The CRC-32 (IEEE, zlib's) of *data* continuing from *value*; ISA-L's, five times zlib's speed."""
+    return isal_zlib.crc32(data, value)
+
+
 def piece_digest(data: bytes | bytearray | memoryview) -> str:
     """``crc32:<decimal u32>``, as Dragonfly stores and checks piece digests."""
-    return f"crc32:{zlib.crc32(data)}"
+    return f"crc32:{crc32(data)}"
 
 
 def verify_piece(data: bytes, digest: str) -> bool:

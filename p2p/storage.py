@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from p2p.direct_io import Bytes, open_direct, write_at
 from p2p.pieces import piece_digest
 
 RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
@@ -39,8 +40,6 @@ _PIECE_COLUMNS = "number, offset, length, digest, parent_id, traffic_type, cost_
 _TASK_QUERY = """SELECT t.task_id, url, content_length, piece_length, state, download, t.created_at, updated_at,
     (SELECT COUNT(*) FROM pieces p WHERE p.task_id = t.task_id) FROM tasks t"""
 
-
-Bytes = bytes | bytearray | memoryview
 
 
 class StorageError(Exception):
@@ -212,7 +211,7 @@ class Storage:
         existing = self.piece(task_id, number)
         if existing is not None:
             return existing
-        _pwrite_all(self._fd(task_id), data, offset)
+        write_at(self.content_path(task_id), data, offset)
         info = PieceInfo(number, offset, len(data), piece_digest(data), parent_id, traffic_type, cost_ns, time.time())
         return self._record(task_id, info)
 
@@ -265,11 +264,15 @@ class Storage:
         return data
 
     @contextlib.contextmanager
-    def content_fd(self, task_id: str) -> Iterator[int]:
-        """A read-only descriptor of a task's content file for the block; it survives the task's deletion."""
+    def content_fd(self, task_id: str, *, direct: bool = False) -> Iterator[int]:
+        """A read-only descriptor of a task's content file for the block; it survives the task's deletion.
+        *direct* asks for ``O_DIRECT`` where the filesystem has it (read it with ``direct_io.read_into``)."""
         self._task_or_raise(task_id)
         try:
-            fd = os.open(self.content_path(task_id), os.O_RDONLY | os.O_CLOEXEC)
+            if direct:
+                fd, _ = open_direct(self.content_path(task_id), os.O_RDONLY)
+            else:
+                fd = os.open(self.content_path(task_id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise StorageError(f"task {task_id} has no content file") from None
         try:
@@ -385,19 +388,9 @@ class Storage:
             raise StorageError(f"task {task_id} failed")
 
 
-def _pwrite_all(fd: int, data: Bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
-
-
 def _write_file(path: Path, data: Bytes, offset: int, digest: str | None) -> str:
-    """Write *data* at *offset* through a descriptor of its own; the piece digest (computed if not given)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        _pwrite_all(fd, data, offset)
-    finally:
-        os.close(fd)
+    """Write *data* at *offset* (bypassing the page cache where it can); the piece digest (computed if not given)."""
+    write_at(path, data, offset)
     return digest or piece_digest(data)
 
 

@@ -676,6 +676,36 @@ async def test_output_path_must_be_absolute_and_is_not_overwritten_unasked(origi
         assert existing.read_bytes() == b"keep me"
 
 
+async def test_whole_content_output_is_a_hard_link_else_a_copy(origin: OriginServer, tmp_path: Path,
+                                                               short_dir: Path) -> None:
+    sock = short_dir / "p.sock"
+    linked, ranged = tmp_path / "linked.bin", tmp_path / "ranged.bin"
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))  # tmpfs: another filesystem than the data dir
+    try:
+        async with running_peer(peer_config(tmp_path / "data", sock)) as peer:
+            await download(sock, download_request(origin.url, linked))
+            content = peer.storage.content_path(task_id(origin.url))
+            assert linked.read_bytes() == CONTENT
+            assert linked.stat().st_ino == content.stat().st_ino and content.stat().st_nlink == 2
+
+            part = download_request(origin.url, ranged, range=common.Range(start=5, length=100))
+            await download(sock, part)
+            assert ranged.read_bytes() == CONTENT[5:105] and ranged.stat().st_nlink == 1
+
+            copied = elsewhere / "copied.bin"
+            await download(sock, download_request(origin.url, copied))
+            assert copied.read_bytes() == CONTENT and copied.stat().st_nlink == 1
+
+            forced = download_request(origin.url, elsewhere / "forced.bin", force_hard_link=True)
+            error = await download_error(sock, forced)
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "cannot hard-link" in (error.details() or "")
+            assert not (elsewhere / "forced.bin").exists()
+            assert origin.body_bytes == SIZE  # every output came from the one cached copy
+    finally:
+        shutil.rmtree(elsewhere)
+
+
 @pytest.fixture
 def empty_origin() -> Iterator[OriginServer]:
     """An origin serving zero bytes."""
