@@ -186,16 +186,17 @@ def run_registry(
         pytest.skip("docker-registry is not installed (Debian package docker-registry)")
     workdir.mkdir(parents=True, exist_ok=True)
     host = f"127.0.0.1:{free_port()}"
+    http: dict[str, Any] = {"addr": host, "secret": uuid.uuid4().hex}
+    if tls:
+        http["tls"] = {"certificate": str(tls.cert_path), "key": str(tls.key_path)}
     config = {
         "version": "0.1",
         "log": {"level": "warn", "accesslog": {"disabled": False}},
         "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}, "delete": {"enabled": True}},
-        "http": {"addr": host, "secret": uuid.uuid4().hex},
+        "http": http,
     }
     if auth:
         config["auth"] = auth
-    if tls:
-        config["http"]["tls"] = {"certificate": str(tls.cert_path), "key": str(tls.key_path)}
     config_path = workdir / "config.yml"
     config_path.write_text(json.dumps(config))  # JSON is valid YAML
     server = RegistryServer(host, workdir / "storage", workdir / "registry.log", credentials, config_path,
