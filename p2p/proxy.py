@@ -479,7 +479,7 @@ class Proxy:
         host = host.strip("[]")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ProxyError(400, f"bad CONNECT target {target!r}")
-        if self.interceptor is not None and self.interceptor.intercepts(target):
+        if self.interceptor is not None and self.interceptor.intercepts(target.lower()):
             await self._intercept(conn, stream, host, int(port))
             return
         self.counters["proxy_tunnels"] += 1
@@ -490,7 +490,7 @@ class Proxy:
         except (OSError, trio.TooSlowError) as exc:
             raise ProxyError(502, f"cannot reach {target}: {exc}") from exc
         async with upstream:
-            await _send(stream, conn, h11.Response(status_code=200, headers=[]))
+            await _send(stream, conn, h11.Response(status_code=200, headers=[], reason=b"Connection established"))
             leftover, _ = conn.trailing_data
             if leftover:
                 await upstream.send_all(bytes(leftover))
@@ -508,7 +508,7 @@ class Proxy:
         await self._drain(conn, stream)
         context = await self.interceptor.context(name)
         authority = _authority(name, port)
-        await _send(stream, conn, h11.Response(status_code=200, headers=[]))
+        await _send(stream, conn, h11.Response(status_code=200, headers=[], reason=b"Connection established"))
         leftover, _ = conn.trailing_data
         transport = _Replayed(stream, bytes(leftover)) if leftover else stream
         tls = trio.SSLStream(transport, context, server_side=True, https_compatible=True)

@@ -135,7 +135,7 @@ class Interceptor:
         self._lock = trio.Lock()
 
     def intercepts(self, authority: str) -> bool:
-        """Whether a CONNECT to *authority* (``host:port``) is intercepted."""
+        """Whether a CONNECT to *authority* (lowercase ``host:port``, IPv6 in brackets) is intercepted."""
         return any(pattern.search(authority) for pattern in self.hosts)
 
     async def context(self, host: str) -> ssl.SSLContext:

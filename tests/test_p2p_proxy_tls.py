@@ -6,6 +6,7 @@ streams: what certificate they see, what bytes they get, and whether blobs went 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -18,7 +19,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,41 @@ def blocking_handshake(proxy_port: int, target: str, trust: ssl.SSLContext) -> E
         except ssl.SSLError as exc:
             return exc
     return None
+
+
+async def pipelined_handshake(proxy_port: int, target: str, trust: ssl.SSLContext) -> x509.Certificate:
+    """A TLS handshake whose ClientHello is sent together with the CONNECT request; the certificate it got."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = trust.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    async with await trio.open_tcp_stream("127.0.0.1", proxy_port) as stream:
+        await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + outgoing.read())
+        received = b""
+        with trio.fail_after(20):
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(65536)
+            head, _, rest = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            incoming.write(rest)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await stream.send_all(outgoing.read())
+                    incoming.write(await stream.receive_some(65536))
+            await stream.send_all(outgoing.read())  # the client's Finished
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (up to 10 s) for *condition* to hold."""
+    with trio.fail_after(10):
+        while not condition():
+            await trio.sleep(0.02)
 
 
 def peer_certificate(tls: trio.SSLStream[trio.SocketStream]) -> x509.Certificate:
@@ -301,6 +337,10 @@ async def test_other_hosts_stay_blind_and_bad_clients_do_not_hurt(tls_registry: 
                 await tls.send_all(b"\x00\x01 nonsense\r\n\r\n")  # garbage inside the tunnel
                 assert (await receive_all(tls)).startswith(b"HTTP/1.1 400 ")
             assert counters["proxy_intercepted_tunnels"] == 1
+            pipelined = await pipelined_handshake(port, tls_registry.host, pki.proxy.trust())
+            assert pipelined.issuer == pki.proxy.cert.subject
+            assert pipelined == leaf  # the cached leaf
+            await until(lambda: counters["proxy_intercepted_tunnels"] == 2)
 
             # a client that does not trust the proxy's CA fails its handshake (and tells the proxy why)
             refused = await trio.to_thread.run_sync(blocking_handshake, port, tls_registry.host, pki.origin.trust())
@@ -309,9 +349,7 @@ async def test_other_hosts_stay_blind_and_bad_clients_do_not_hurt(tls_registry: 
             async with await connect(port, tls_registry.host) as stream:
                 await stream.send_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
                 await receive_all(stream)
-            with trio.fail_after(10):
-                while counters["proxy_tls_handshake_errors"] < 2:
-                    await trio.sleep(0.05)
+            await until(lambda: counters["proxy_tls_handshake_errors"] == 2)
             failures = [r.getMessage() for r in caplog.records if "TLS handshake failed" in r.getMessage()]
             assert len(failures) == 2, failures
             assert all(f"host={tls_registry.host}" in line for line in failures)
@@ -321,7 +359,7 @@ async def test_other_hosts_stay_blind_and_bad_clients_do_not_hurt(tls_registry: 
             async with httpx.AsyncClient(proxy=proxy, verify=pki.proxy.trust(), timeout=60) as client:
                 ping = await client.get(f"{tls_registry.url}/v2/", headers=AUTH)
                 assert ping.status_code == 200
-            assert counters["proxy_intercepted_tunnels"] == 2
+            assert counters["proxy_intercepted_tunnels"] == 3
 
 
 async def test_an_origin_with_an_untrusted_certificate_gets_502(pki: Pki, short_dir: Path,
