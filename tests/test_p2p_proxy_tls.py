@@ -374,7 +374,8 @@ async def test_an_origin_with_an_untrusted_certificate_gets_502(pki: Pki, short_
 
     with local_http_server(scripted_handler(respond), tls=untrusted) as origin:
         async with proxy_peer(short_dir, proxy_ca_cert=pki.proxy.cert_path, proxy_ca_key=pki.proxy.key_path,
-                              proxy_intercept_hosts=["."], origin_ca_bundle=pki.origin.cert_path) as (_, proxy), \
+                              proxy_intercept_hosts=["."], origin_ca_bundle=pki.origin.cert_path,
+                              source_retries=3) as (_, proxy), \
                 httpx.AsyncClient(proxy=proxy, verify=pki.proxy.trust(), timeout=60) as client:
             for path in (f"/v2/lazyfs/x/blobs/{DIGEST}", "/v2/lazyfs/x/manifests/1"):
                 answer = await client.get(origin + path)
@@ -383,6 +384,7 @@ async def test_an_origin_with_an_untrusted_certificate_gets_502(pki: Pki, short_
         assert seen == []
     refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("proxy refused")]
     assert len(refusals) == 2 and all("CERTIFICATE_VERIFY_FAILED" in line for line in refusals), refusals
+    assert not [r for r in caplog.records if "origin retry" in r.getMessage()]  # an untrusted origin stays untrusted
 
 
 def test_origin_context_adds_the_bundle_to_the_system_store(pki: Pki) -> None:
