@@ -48,7 +48,7 @@ def origin_context(bundle: Path | None) -> ssl.SSLContext:
     if bundle is not None:
         try:
             context.load_verify_locations(cafile=bundle)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError too
             raise TLSConfigError(f"origin CA bundle {bundle}: {_reason(exc)}") from None
     return context
 
