@@ -208,6 +208,16 @@ def test_bad_ca_settings_are_refused_naming_the_file(tmp_path: Path, pki: Pki) -
             check(config(**values))
     check(config(**ca, proxy_intercept_hosts=["x"], origin_ca_bundle=pki.origin.cert_path))
     check(PeerConfig(proxy_intercept_hosts=["("]))  # no proxy: nothing to check but the origin bundle
+    toml = tmp_path / "peer.toml"
+    toml.write_text(f'proxy_port = 4001\nproxy_ca_cert = "{pki.proxy.cert_path}"\n'
+                    f'proxy_ca_key = "{pki.proxy.key_path}"\norigin_ca_bundle = "{pki.origin.cert_path}"\n'
+                    "proxy_intercept_hosts = ['^registry\\.test:443$']\n")
+    loaded = PeerConfig.load(toml, proxy_ca_key=str(other.key_path))
+    assert (loaded.proxy_ca_cert, loaded.origin_ca_bundle) == (pki.proxy.cert_path, pki.origin.cert_path)
+    assert loaded.proxy_intercept_hosts == [r"^registry\.test:443$"]
+    with pytest.raises(TLSConfigError, match="does not match"):  # the flag's key overrides the file's
+        check(loaded)
+    check(PeerConfig.load(toml))
 
     # the CLI says so in one line, before starting anything
     peer = subprocess.run(lazyfs_command("peer", "--data-dir", str(tmp_path / "data"), "--proxy-port", "4001",
