@@ -179,13 +179,14 @@ def run_registry(
     credentials: Credentials | None = None,
     tls: KeyPair | None = None,
     ca_file: Path | None = None,
+    address: str = "127.0.0.1",
 ) -> Iterator[RegistryServer]:
-    """Start docker-registry with filesystem storage under *workdir* (serving HTTPS with *tls*, a certificate that
-    *ca_file* trusts); stop it on exit, even on failure."""
+    """Start docker-registry on *address* with filesystem storage under *workdir* (serving HTTPS with *tls*, a
+    certificate that *ca_file* trusts); stop it on exit, even on failure."""
     if REGISTRY_BIN is None:
         pytest.skip("docker-registry is not installed (Debian package docker-registry)")
     workdir.mkdir(parents=True, exist_ok=True)
-    host = f"127.0.0.1:{free_port()}"
+    host = f"{address}:{free_port()}"
     http: dict[str, Any] = {"addr": host, "secret": uuid.uuid4().hex}
     if tls:
         http["tls"] = {"certificate": str(tls.cert_path), "key": str(tls.key_path)}

@@ -34,9 +34,11 @@ from lazyfs.registry.manifest import OCI_MANIFEST
 from p2p.config import PeerConfig
 from p2p.tls import CertificateAuthority, Interceptor, TLSConfigError, check, origin_context
 from tests.certs import TestCA, make_ca
+from tests.containerd_fixtures import Containerd
 from tests.registry_fixtures import (
     PASSWORD,
     USERNAME,
+    PushedImage,
     RegistryServer,
     Response,
     free_port,
@@ -401,3 +403,49 @@ def test_origin_context_adds_the_bundle_to_the_system_store(pki: Pki) -> None:
     system = len(origin_context(None).get_ca_certs())
     assert len(origin_context(pki.origin.cert_path).get_ca_certs()) == system + 1
 
+
+
+# --- a Go client: ctr through HTTPS_PROXY -------------------------------------------------------------------------
+
+
+def global_ipv4() -> str | None:
+    """This machine's first global IPv4 address (Go clients never proxy requests to loopback addresses)."""
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    match = re.search(r"\binet (\d+\.\d+\.\d+\.\d+)/", shown.stdout)
+    return match[1] if match else None
+
+
+@pytest.mark.root
+def test_ctr_fetches_an_image_through_the_intercepting_proxy(tmp_path: Path, pki: Pki, containerd: Containerd,
+                                                             short_dir: Path) -> None:
+    address = global_ipv4()
+    if address is None:
+        pytest.skip("no global IPv4 address to serve the registry on")
+    workdir = tmp_path / "registry"
+    with run_registry(workdir, htpasswd_auth(workdir), Credentials(USERNAME, PASSWORD), address=address,
+                      tls=pki.origin.issue(workdir / "tls", [address]), ca_file=pki.origin.cert_path) as registry, \
+            swarm(short_dir / "swarm") as group:
+        image = trio.run(_push_image, registry)
+        scheduler = group.scheduler()
+        group.peer("seed", [scheduler], "--origin-ca-bundle", str(pki.origin.cert_path), seed=True)
+        peer = group.peer("peer", [scheduler], *intercepting(pki, exact(registry.host)))
+        env = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
+        env["HTTPS_PROXY"] = f"http://127.0.0.1:{_proxy_port(peer.log_text())}"
+        containerd.ctr("content", "fetch", "--tlscacert", str(pki.proxy.cert_path), "--user",
+                       f"{USERNAME}:{PASSWORD}", image.reference, env=env, timeout=120)
+        listing = containerd.ctr("content", "ls", "-q").stdout.split()
+        assert set(image.blobs) <= set(listing)
+        metrics = peer.metrics()
+        assert metrics["lazyfs_peer_proxy_intercepted_tunnels_total"] >= 1
+        assert metrics["lazyfs_peer_proxy_tls_handshake_errors_total"] == 0
+        assert metrics["lazyfs_peer_proxy_p2p_requests_total"] == len(image.blobs)  # the config and each layer
+        assert metrics["lazyfs_peer_proxy_p2p_bytes_total"] == sum(len(blob) for blob in image.blobs.values())
+        assert metrics["lazyfs_peer_proxy_errors_total"] == 0
+        assert metrics["lazyfs_peer_source_bytes_total"] == 0  # the seed fetched them
+        assert registry.bytes_served() >= sum(len(blob) for blob in image.blobs.values())
+
+
+async def _push_image(registry: RegistryServer) -> PushedImage:
+    async with registry.client() as client:
+        return await push_test_image(client, "lazyfs/ctr", "1", [os.urandom(3 * MiB), b"small layer" * 100],
+                                     compression="none")
