@@ -54,7 +54,7 @@ from p2p.config import PeerConfig
 from p2p.download import Downloader, DownloadError, Job, download_task_id
 from p2p.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from p2p.storage import SUCCEEDED, Storage, StorageError
-from p2p.tls import interceptor, leaf_host, origin_context
+from p2p.tls import TLSConfigError, interceptor, leaf_host, origin_context
 from seed.origin import HOP_BY_HOP, OriginError
 
 log = logging.getLogger("lazyfs.proxy")
@@ -506,7 +506,10 @@ class Proxy:
         if name is None:
             raise ProxyError(400, f"cannot intercept {host!r}: not a DNS name or IP address")
         await self._drain(conn, stream)
-        context = await self.interceptor.context(name)
+        try:
+            context = await self.interceptor.context(name)
+        except TLSConfigError as exc:
+            raise ProxyError(500, f"cannot intercept {name}: {exc}", "dfdaemon") from exc
         authority = _authority(name, port)
         await _send(stream, conn, h11.Response(status_code=200, headers=[], reason=b"Connection established"))
         leftover, _ = conn.trailing_data

@@ -83,12 +83,20 @@ class CertificateAuthority:
         if not is_ca:
             raise TLSConfigError(f"proxy CA certificate {cert_path} is not a CA certificate (no basicConstraints "
                                  "CA:TRUE)")
-        if cert.not_valid_after_utc <= _now():
-            raise TLSConfigError(f"proxy CA certificate {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
-        return cls(cert, key)
+        ca = cls(cert, key)
+        ca.check_validity(str(cert_path))
+        return ca
+
+    def check_validity(self, name: str) -> None:
+        """Raise TLSConfigError if the CA certificate (called *name*) has expired."""
+        if self.cert.not_valid_after_utc <= _now():
+            expired = self.cert.not_valid_after_utc
+            raise TLSConfigError(f"proxy CA certificate {name} expired at {expired:%Y-%m-%d %H:%M:%S} UTC")
 
     def issue(self, host: str) -> tuple[bytes, datetime.datetime]:
-        """A leaf certificate for *host* (a DNS name or an IP address): PEM chain plus key, and its expiry."""
+        """A leaf certificate for *host* (a DNS name or an IP address): PEM chain plus key, and its expiry.
+        TLSConfigError once the CA has expired."""
+        self.check_validity(self.cert.subject.rfc4514_string())
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         expires = min(now + LEAF_LIFETIME, self.cert.not_valid_after_utc)

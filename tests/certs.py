@@ -62,16 +62,17 @@ class TestCA:
         return pair
 
 
-def make_ca(directory: Path, name: str, *, rsa_key: bool = False, ca: bool = True) -> TestCA:
-    """A self-signed CA (ECDSA P-256, or RSA 2048) written to ``DIRECTORY/NAME.crt`` and ``NAME.key``;
-    ``ca=False`` leaves out basicConstraints CA:TRUE."""
+def make_ca(directory: Path, name: str, *, rsa_key: bool = False, ca: bool = True,
+            lifetime: datetime.timedelta = 30 * _DAY) -> TestCA:
+    """A self-signed CA (ECDSA P-256, or RSA 2048) valid for *lifetime* from now, written to ``DIRECTORY/NAME.crt``
+    and ``NAME.key``; ``ca=False`` leaves out basicConstraints CA:TRUE."""
     directory.mkdir(parents=True, exist_ok=True)
     key: PrivateKey = rsa.generate_private_key(65537, 2048) if rsa_key else ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
                .serial_number(x509.random_serial_number()).not_valid_before(now - _DAY)
-               .not_valid_after(now + 30 * _DAY)
+               .not_valid_after(now + lifetime)
                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
     if ca:
         builder = (builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)

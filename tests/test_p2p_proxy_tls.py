@@ -257,6 +257,23 @@ async def test_leaf_certificates_are_minted_per_host_and_cached(tmp_path: Path) 
                                                                                                         minutes=1)
 
 
+async def test_a_ca_expiring_while_the_proxy_runs_is_refused_clearly(tmp_path: Path, short_dir: Path) -> None:
+    ca = make_ca(tmp_path, "brief-ca", lifetime=datetime.timedelta(seconds=2))
+    async with proxy_peer(short_dir, proxy_ca_cert=ca.cert_path, proxy_ca_key=ca.key_path,
+                          proxy_intercept_hosts=["."]) as (peer, proxy):
+        port = int(proxy.rsplit(":", 1)[1])
+        remaining = ca.cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+        await trio.sleep(max(0.0, remaining.total_seconds()) + 0.5)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"CONNECT registry.test:443 HTTP/1.1\r\nHost: registry.test:443\r\n\r\n")
+            reply = await receive_all(stream)
+        assert reply.startswith(b"HTTP/1.1 500 "), reply
+        assert b"cannot intercept registry.test: proxy CA certificate CN=brief-ca expired at" in reply, reply
+        assert peer.proxy is not None and peer.proxy.counters["proxy_errors"] == 1
+    with pytest.raises(TLSConfigError, match=re.escape(f"proxy CA certificate {ca.cert_path} expired at")):
+        CertificateAuthority.load(ca.cert_path, ca.key_path)
+
+
 # --- against the TLS registry -----------------------------------------------------------------------------------
 
 
