@@ -27,15 +27,19 @@ class CommandError(OSError):
 
 def cmd_peer(args: argparse.Namespace) -> int:
     """Run a peer daemon (``--seed``: a seed peer, the only kind that fetches from the origin unprompted)."""
+    from p2p import tls
     from p2p.daemon import run
 
     overrides = {k: getattr(args, k) for k in ("data_dir", "socket", "ip", "hostname", "listen", "grpc_port",
                                                "vortex_port", "metrics_port", "idc", "location", "upload_limit",
                                                "download_limit", "back_to_source_limit", "max_uploads", "proxy_port",
-                                               "proxy_listen", "registry_mirror")}
+                                               "proxy_listen", "registry_mirror", "proxy_ca_cert",
+                                               "proxy_ca_key", "origin_ca_bundle")}
     overrides["schedulers"] = args.scheduler or None
     overrides["seed"] = True if args.seed else None
+    overrides["proxy_intercept_hosts"] = args.proxy_intercept_host or None
     config = PeerConfig.load(Path(args.config) if args.config else None, **overrides)
+    tls.check(config)
     args.log_to_stderr()
     run(config)
     return 0
@@ -139,6 +143,12 @@ def register(add: Add, log_to_stderr: Callable[[], None]) -> None:
     p.add_argument("--proxy-listen", help="address the proxy listens on (default 127.0.0.1)")
     p.add_argument("--registry-mirror", help="upstream for mirror requests without X-Dragonfly-Registry or ?ns= "
                    "(default https://index.docker.io)")
+    p.add_argument("--proxy-ca-cert", help="PEM CA certificate signing the proxy's certificates for intercepted "
+                   "HTTPS hosts")
+    p.add_argument("--proxy-ca-key", help="its unencrypted PEM private key (RSA or ECDSA)")
+    p.add_argument("--proxy-intercept-host", action="append", metavar="REGEX", help="intercept CONNECT tunnels "
+                   "whose host:port matches (repeatable); others stay blind tunnels")
+    p.add_argument("--origin-ca-bundle", help="PEM CA certificates trusted for HTTPS origins, besides the system's")
 
     p = add("get", cmd_get, "Download a URL or registry blob through the local peer (Dragonfly's dfget).")
     p.add_argument("url", metavar="URL")

@@ -58,6 +58,13 @@ class PeerConfig:
     proxy_plain_http: list[str] = field(default_factory=list)  # ?ns= hosts reached over http, not https
     registry_mirror_blob_digest_task_id: bool = False  # task id = blob digest (enable_task_id_based_blob_digest)
     proxy_timeout: float = 300.0  # idle limit on a proxy connection, and on each upstream read
+    # HTTPS interception (p2p/tls.py): CONNECT targets (``host:port``) matching one of proxy_intercept_hosts are
+    # answered with a leaf certificate signed by this CA (PEM certificate and unencrypted PEM key); others stay
+    # blind tunnels.
+    proxy_ca_cert: Path | None = None
+    proxy_ca_key: Path | None = None
+    proxy_intercept_hosts: list[str] = field(default_factory=list)  # regexes searched in host:port
+    origin_ca_bundle: Path | None = None  # PEM CA certificates trusted for HTTPS origins, besides the system's
 
     @property
     def host_id(self) -> str:
@@ -82,7 +89,7 @@ class PeerConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown peer settings: {', '.join(unknown)}")
-        for key in ("data_dir", "socket"):
-            if key in values:
+        for key in ("data_dir", "socket", "proxy_ca_cert", "proxy_ca_key", "origin_ca_bundle"):
+            if values.get(key) is not None:
                 values[key] = Path(values[key])
         return cls(**values)

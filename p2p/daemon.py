@@ -26,6 +26,7 @@ from p2p.proxy import Proxy
 from p2p.ratelimit import RateLimiter
 from p2p.scheduler_ring import SchedulerRing
 from p2p.storage import Storage
+from p2p.tls import origin_context
 from p2p.upload_service import UploadService
 from seed.origin import Origin
 
@@ -92,7 +93,8 @@ async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Peer] = trio
     servers: list[grpc.Server] = []
     try:
         async with Origin(timeout=config.source_timeout, retries=config.source_retries,
-                          limiter=RateLimiter(config.back_to_source_limit)) as origin, \
+                          limiter=RateLimiter(config.back_to_source_limit),
+                          verify=origin_context(config.origin_ca_bundle)) as origin, \
                 trio.open_nursery() as nursery:
             vortex_port = await nursery.start(lambda task_status: serve_pieces(
                 storage, config.listen, config.vortex_port, limiter=RateLimiter(config.upload_limit),

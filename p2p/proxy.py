@@ -6,7 +6,11 @@ One HTTP/1.1 server (h11 on trio, keep-alive) on ``proxy_port`` serving three ki
   ``X-Dragonfly-Registry`` header, else containerd's ``?ns=`` query (a bare host means ``https://host``, or
   ``http://host`` when listed in ``proxy_plain_http``), else ``registry_mirror``.
 - **Forward proxy** (absolute-form, ``GET http://host/...``): the upstream is the URL itself.
-- **CONNECT**: a blind TCP tunnel (no TLS interception, so nothing in it goes P2P).
+- **CONNECT**: a blind TCP tunnel, unless its ``host:port`` matches ``proxy_intercept_hosts`` (with
+  ``proxy_ca_cert``/``proxy_ca_key``): then the proxy answers the TLS handshake itself with a certificate for that
+  host signed by the CA (p2p/tls.py) and serves the HTTP/1.1 requests inside (keep-alive) like proxied ones, for
+  the upstream ``https://host:port``: blob GETs go P2P, the rest is forwarded over TLS. Origins are verified against
+  the system trust store plus ``origin_ca_bundle``.
 
 A GET whose URL (query dropped) matches one of ``proxy_rules`` (default ``blobs/sha256.*``), or that carries
 ``X-Dragonfly-Use-P2P: true``, is downloaded through the swarm as a ``common.Download`` and streamed to the
@@ -44,11 +48,13 @@ import h11
 import httpx
 import trio
 
+from lazyfs.registry.transport import describe
 from p2p.api import common
 from p2p.config import PeerConfig
 from p2p.download import Downloader, DownloadError, Job, download_task_id
 from p2p.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from p2p.storage import SUCCEEDED, Storage, StorageError
+from p2p.tls import TLSConfigError, interceptor, leaf_host, origin_context
 from seed.origin import HOP_BY_HOP, OriginError
 
 log = logging.getLogger("lazyfs.proxy")
@@ -57,6 +63,7 @@ MAX_HEAD = 64 << 10  # request line and headers
 MAX_DRAINED = 1 << 20  # body of a request we answer ourselves
 SEND_CHUNK = 1 << 20
 CONNECT_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 30.0  # a client's TLS handshake in an intercepted tunnel
 _BLOB_DIGEST = re.compile(r"/v2/.+/blobs/(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 _ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND", 416: "RANGE_INVALID", 429: "TOOMANYREQUESTS"}
@@ -151,15 +158,18 @@ class Proxy:
         self.storage = storage
         self.rules = [re.compile(rule) for rule in config.proxy_rules]
         self.timeout = config.proxy_timeout
+        self.interceptor = interceptor(config)
         self.client: httpx.AsyncClient | None = None
         self.counters = {"proxy_requests": 0, "proxy_p2p_requests": 0, "proxy_p2p_bytes": 0,
-                         "proxy_direct_requests": 0, "proxy_errors": 0}
+                         "proxy_direct_requests": 0, "proxy_errors": 0, "proxy_tunnels": 0,
+                         "proxy_intercepted_tunnels": 0, "proxy_tls_handshake_errors": 0}
 
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         """Listen on *host*:*port* (0 picks one, handed to ``task_status``) until cancelled."""
         timeout = httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT)
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False,
+                                     verify=origin_context(self.config.origin_ca_bundle)) as client:
             for default in ("accept", "accept-encoding", "user-agent"):  # pass the client's own, or none
                 del client.headers[default]
             self.client = client
@@ -178,27 +188,34 @@ class Proxy:
             log.exception("proxy connection failed")
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         async with stream:
-            try:
-                while True:
-                    with trio.move_on_after(self.timeout):
-                        event = await self._next_event(conn, stream)
-                    if not isinstance(event, h11.Request):
-                        return  # closed, idle too long, or garbage
-                    if not await self._exchange(conn, stream, event):
-                        return
-                    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                        return
-                    conn.start_next_cycle()
-            except h11.RemoteProtocolError as exc:
-                await self._bad_request(conn, stream, exc)
-            except (_Closed, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away or stalled mid-request
-            except Exception:  # one bad exchange must not take the daemon down
-                log.exception("proxy connection failed")
+            await self._serve_http(stream, None)
 
-    async def _bad_request(self, conn: h11.Connection, stream: trio.SocketStream, exc: h11.RemoteProtocolError
+    async def _serve_http(self, stream: trio.abc.Stream, tunnel: str | None) -> None:
+        """Answer requests on *stream* until it closes: the client's own connection, or the inside of an
+        intercepted tunnel to *tunnel* (an ``https://`` authority)."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            while True:
+                with trio.move_on_after(self.timeout):
+                    event = await self._next_event(conn, stream)
+                if not isinstance(event, h11.Request):
+                    return  # closed, idle too long, or garbage
+                if not await self._exchange(conn, stream, event, tunnel):
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if tunnel is not None:
+                log.info("proxy bad request in tunnel host=%s error=%s", tunnel, exc)
+            await self._bad_request(conn, stream, exc)
+        except (_Closed, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away or stalled mid-request
+        except Exception:  # one bad exchange must not take the daemon down
+            log.exception("proxy connection failed")
+
+    async def _bad_request(self, conn: h11.Connection, stream: trio.abc.Stream, exc: h11.RemoteProtocolError
                            ) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -213,14 +230,14 @@ class Proxy:
             pass
 
     @staticmethod
-    async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
+    async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> object:
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
             conn.receive_data(bytes(await stream.receive_some(65536)))
 
-    async def _drain(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
+    async def _drain(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
         """Read (and drop) the rest of the request, so the connection can be kept."""
         received = 0
         with trio.fail_after(self.timeout):
@@ -233,7 +250,7 @@ class Proxy:
                 elif isinstance(event, h11.ConnectionClosed):
                     raise _Closed
 
-    async def _body(self, conn: h11.Connection, stream: trio.SocketStream) -> AsyncIterator[bytes]:
+    async def _body(self, conn: h11.Connection, stream: trio.abc.Stream) -> AsyncIterator[bytes]:
         """The request body as it arrives, for the upstream."""
         while conn.their_state is h11.SEND_BODY:
             with trio.fail_after(self.timeout):
@@ -243,17 +260,19 @@ class Proxy:
             elif isinstance(event, h11.ConnectionClosed):
                 raise _Closed
 
-    async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> bool:
-        """Answer one request; False when the connection must close."""
+    async def _exchange(self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request,
+                        tunnel: str | None) -> bool:
+        """Answer one request (inside an intercepted tunnel to *tunnel*, if given); False when the connection must
+        close."""
         self.counters["proxy_requests"] += 1
         method = request.method.decode("ascii", "replace").upper()
         target = request.target.decode("latin-1")
         headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in request.headers]
         try:
-            if method == "CONNECT":
+            if method == "CONNECT" and tunnel is None:
                 await self._tunnel(conn, stream, target)
                 return False
-            url = self._upstream_url(target, headers)
+            url = self._upstream_url(target, headers, tunnel)
             if method == "GET" and self._p2p(url, headers):
                 self.counters["proxy_p2p_requests"] += 1
                 await self._drain(conn, stream)
@@ -262,15 +281,20 @@ class Proxy:
             return await self._forward(conn, stream, method, url, headers)
         except ProxyError as exc:
             self.counters["proxy_errors"] += 1
-            log.info("proxy refused method=%s target=%s status=%d error=%s", method, _redact(target), exc.status, exc)
+            shown = _redact(f"https://{tunnel}{target}" if tunnel is not None else target)
+            log.info("proxy refused method=%s target=%s status=%d error=%s", method, shown, exc.status, exc)
             if conn.our_state is not h11.SEND_RESPONSE:
                 return False  # the response had begun: cut it short
             await _reply(stream, conn, exc.status, [*exc.headers, ("x-dragonfly-error-type", exc.error_type)],
                          _error_body(exc.status, str(exc)), close=conn.their_state is not h11.DONE)
             return True
 
-    def _upstream_url(self, target: str, headers: Headers) -> str:
+    def _upstream_url(self, target: str, headers: Headers, tunnel: str | None) -> str:
         """The absolute URL a request is for."""
+        if tunnel is not None:
+            if not target.startswith("/"):
+                raise ProxyError(400, f"only origin-form requests inside a tunnel to {tunnel}, not {_redact(target)!r}")
+            return f"https://{tunnel}{target}"
         if target.startswith("/"):
             registry = _get(headers, "x-dragonfly-registry")
             if registry:
@@ -326,7 +350,7 @@ class Proxy:
                                                      else self.config.registry_mirror_blob_digest_task_id)
         return download
 
-    async def _via_p2p(self, conn: h11.Connection, stream: trio.SocketStream, url: str, headers: Headers) -> bool:
+    async def _via_p2p(self, conn: h11.Connection, stream: trio.abc.Stream, url: str, headers: Headers) -> bool:
         download = self._download(url, headers)
         tid = download_task_id(download)
         wanted = parse_range(_get(headers, "range"))
@@ -376,7 +400,7 @@ class Proxy:
         await _send(stream, conn, h11.EndOfMessage())
         return True
 
-    async def _stream_pieces(self, conn: h11.Connection, stream: trio.SocketStream, job: Job, start: int,
+    async def _stream_pieces(self, conn: h11.Connection, stream: trio.abc.Stream, job: Job, start: int,
                              end: int) -> None:
         """Send bytes *start*..*end* of the task in order, each piece once it is stored; the last one only after
         the download finished (and passed its digest check)."""
@@ -406,7 +430,7 @@ class Proxy:
         if job.error:
             raise DownloadError(job.error)
 
-    async def _send_file(self, conn: h11.Connection, stream: trio.SocketStream, fd: int, offset: int,
+    async def _send_file(self, conn: h11.Connection, stream: trio.abc.Stream, fd: int, offset: int,
                          end: int) -> None:
         while offset < end:
             data = await trio.to_thread.run_sync(os.pread, fd, min(SEND_CHUNK, end - offset), offset)
@@ -422,7 +446,7 @@ class Proxy:
 
     # --- pass-through ---------------------------------------------------------------------------------------
 
-    async def _forward(self, conn: h11.Connection, stream: trio.SocketStream, method: str, url: str,
+    async def _forward(self, conn: h11.Connection, stream: trio.abc.Stream, method: str, url: str,
                        headers: Headers) -> bool:
         assert self.client is not None
         sent = [(n, v) for n, v in end_to_end(headers) if n not in ("host", "expect")
@@ -432,7 +456,7 @@ class Proxy:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise ProxyError(502, f"upstream {_redact(url)} failed: {exc!r}") from exc
+            raise ProxyError(502, f"upstream {_redact(url)} failed: {describe(exc)}") from exc
         try:
             kept = {n for n, _ in end_to_end((n, v) for n, v in response.headers.multi_items())}
             out = [(n, v) for n, v in response.headers.raw if n.decode("latin-1").lower() in kept]
@@ -449,12 +473,16 @@ class Proxy:
             await response.aclose()
         return conn.their_state is not h11.SEND_BODY  # else the upstream answered before reading the whole body
 
-    async def _tunnel(self, conn: h11.Connection, stream: trio.SocketStream, target: str) -> None:
-        """CONNECT host:port: a blind tunnel."""
+    async def _tunnel(self, conn: h11.Connection, stream: trio.abc.Stream, target: str) -> None:
+        """CONNECT host:port: intercepted if the host is listed, else a blind tunnel."""
         host, _, port = target.rpartition(":")
         host = host.strip("[]")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ProxyError(400, f"bad CONNECT target {target!r}")
+        if self.interceptor is not None and self.interceptor.intercepts(target.lower()):
+            await self._intercept(conn, stream, host, int(port))
+            return
+        self.counters["proxy_tunnels"] += 1
         await self._drain(conn, stream)
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
@@ -462,13 +490,72 @@ class Proxy:
         except (OSError, trio.TooSlowError) as exc:
             raise ProxyError(502, f"cannot reach {target}: {exc}") from exc
         async with upstream:
-            await _send(stream, conn, h11.Response(status_code=200, headers=[]))
+            await _send(stream, conn, h11.Response(status_code=200, headers=[], reason=b"Connection established"))
             leftover, _ = conn.trailing_data
             if leftover:
                 await upstream.send_all(bytes(leftover))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, stream, upstream, nursery.cancel_scope)
                 nursery.start_soon(_pump, upstream, stream, nursery.cancel_scope)
+
+
+    async def _intercept(self, conn: h11.Connection, stream: trio.abc.Stream, host: str, port: int) -> None:
+        """Answer the TLS handshake inside the tunnel as *host*, then serve the requests that come through it."""
+        assert self.interceptor is not None
+        name = leaf_host(host)
+        if name is None:
+            raise ProxyError(400, f"cannot intercept {host!r}: not a DNS name or IP address")
+        await self._drain(conn, stream)
+        try:
+            context = await self.interceptor.context(name)
+        except TLSConfigError as exc:
+            raise ProxyError(500, f"cannot intercept {name}: {exc}", "dfdaemon") from exc
+        authority = _authority(name, port)
+        await _send(stream, conn, h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+        leftover, _ = conn.trailing_data
+        transport = _Replayed(stream, bytes(leftover)) if leftover else stream
+        tls = trio.SSLStream(transport, context, server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            self.counters["proxy_tls_handshake_errors"] += 1
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc.__cause__ or exc)
+            log.warning("proxy TLS handshake failed host=%s error=%s", authority, reason)
+            return
+        self.counters["proxy_intercepted_tunnels"] += 1
+        async with tls:
+            await self._serve_http(tls, authority)
+
+
+class _Replayed(trio.abc.Stream):
+    """*stream*, after bytes of it that were already received (sent with the CONNECT request)."""
+
+    def __init__(self, stream: trio.abc.Stream, received: bytes) -> None:
+        self.stream = stream
+        self.received = received
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.received:
+            size = len(self.received) if max_bytes is None else max_bytes
+            data, self.received = self.received[:size], self.received[size:]
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def _authority(host: str, port: int) -> str:
+    """``host[:port]`` for an ``https://`` URL (IPv6 in brackets, no default port, as task ids expect)."""
+    name = f"[{host}]" if ":" in host else host
+    return name if port == 443 else f"{name}:{port}"
 
 
 async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream, scope: trio.CancelScope) -> None:
@@ -480,7 +567,7 @@ async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream, scope: trio.Canc
     scope.cancel()
 
 
-async def _send(stream: trio.SocketStream, conn: h11.Connection, event: h11.Event) -> None:
+async def _send(stream: trio.abc.Stream, conn: h11.Connection, event: h11.Event) -> None:
     data = conn.send(event)
     if data:
         try:
@@ -489,7 +576,7 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, event: h11.Even
             raise _Closed from None
 
 
-async def _reply(stream: trio.SocketStream, conn: h11.Connection, status: int, headers: Headers, body: bytes, *,
+async def _reply(stream: trio.abc.Stream, conn: h11.Connection, status: int, headers: Headers, body: bytes, *,
                  close: bool = False) -> None:
     out = [*headers, ("content-type", "application/json"), ("content-length", str(len(body)))]
     if close:

@@ -95,7 +95,7 @@ class Origin:
         backoff: float = 0.5,
         limiter: RateLimiter | None = None,
         max_redirects: int = 10,
-        verify: bool | str = True,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if timeout <= 0 or retries < 1 or backoff < 0 or max_redirects < 0:
             raise ValueError(f"bad origin settings: {timeout=} {retries=} {backoff=} {max_redirects=}")
@@ -105,7 +105,7 @@ class Origin:
         self._max_redirects = max_redirects
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
-            verify=ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify,
+            verify=verify,
             follow_redirects=False,
             headers={"User-Agent": "lazyfs-seed", "Accept-Encoding": "identity"},
         )
@@ -193,8 +193,8 @@ class Origin:
                 return exc
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
                 return OriginError(f"origin {_redact(url)}: {describe(exc)}", retryable=False)
-            except httpx.TransportError as exc:
-                return OriginError(f"origin {_redact(url)} failed: {describe(exc)}", retryable=True)
+            except httpx.TransportError as exc:  # an untrusted certificate stays untrusted: not retried
+                return OriginError(f"origin {_redact(url)} failed: {describe(exc)}", retryable=not _untrusted(exc))
         return OriginError(f"origin {_redact(url)} gave no complete answer within {self._timeout:g} s", retryable=True)
 
     async def _stat_once(self, url: str, headers: httpx.Headers) -> SourceInfo:
@@ -385,6 +385,16 @@ class Origin:
                     retryable=_retryable_status(status),
                 )
             return status, await read_capped(response, _MAX_TOKEN_BODY, f"token service {_redact(realm)}")
+
+
+def _untrusted(exc: BaseException) -> bool:
+    """Whether *exc* was caused by a failed certificate verification."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None or isinstance(current, ssl.SSLCertVerificationError):
+            return current is not None
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def forwarded_headers(headers: Mapping[str, str]) -> httpx.Headers:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -172,12 +172,12 @@ state = "{self.state}"
                                             env=env, start_new_session=True)
         _wait_for_socket(self.address, self.process, self.log_path, "containerd")
 
-    def ctr(self, *args: str, check: bool = True, timeout: float = 60,
-            namespace: str | None = None) -> subprocess.CompletedProcess[str]:
-        """``ctr -a SOCK -n NS ARGS`` (NS: *namespace* or the test's); fails with both logs when *check* and
-        the command fails."""
+    def ctr(self, *args: str, check: bool = True, timeout: float = 60, namespace: str | None = None,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """``ctr -a SOCK -n NS ARGS`` (NS: *namespace* or the test's; environment *env* or ours); fails with both
+        logs when *check* and the command fails."""
         command = ["ctr", "-a", str(self.address), "-n", namespace or self.namespace, *args]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}\n"
                                  f"--- containerd log:\n{log_tail(self.log_path)}\n"

@@ -75,7 +75,8 @@ class AccessLogEntry:
 
 @dataclasses.dataclass
 class RegistryServer:
-    """A running docker-registry on 127.0.0.1 (plain HTTP) with its storage and log files."""
+    """A running docker-registry on 127.0.0.1 (plain HTTP, or HTTPS trusting *ca_file*) with its storage and log
+    files."""
 
     host: str
     root: Path
@@ -83,6 +84,15 @@ class RegistryServer:
     credentials: Credentials | None = None
     config_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    ca_file: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client context trusting the registry's certificate (None for plain HTTP)."""
+        return None if self.ca_file is None else ssl.create_default_context(cafile=self.ca_file)
+
+    def urlopen(self, url: str, timeout: float) -> Any:
+        """``urllib.request.urlopen`` trusting the registry's certificate."""
+        return urllib.request.urlopen(url, timeout=timeout, context=self.ssl_context())
 
     def start(self) -> None:
         """Run docker-registry with this server's config; return once it answers."""
@@ -115,13 +125,14 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}"
+        """``http://127.0.0.1:PORT`` (https with TLS)."""
+        return f"{'http' if self.ca_file is None else 'https'}://{self.host}"
 
     def client(self, **kwargs: Any) -> RegistryClient:
-        """A client for this registry: plain HTTP, its credentials, fast retries, no Docker config."""
+        """A client for this registry: plain HTTP or TLS, its credentials, fast retries, no Docker config."""
         options: dict[str, Any] = {
-            "plain_http": True,
+            "plain_http": self.ca_file is None,
+            "verify": self.ssl_context() or True,
             "docker_config": False,
             "credentials": self.credentials,
             "retry": FAST_RETRY,
@@ -134,7 +145,7 @@ class RegistryServer:
         """Every request logged so far, including all requests that completed before this call."""
         marker = uuid.uuid4().hex
         with contextlib.suppress(urllib.error.HTTPError):
-            urllib.request.urlopen(f"{self.url}/v2/?lazyfs-log-mark={marker}", timeout=5).close()
+            self.urlopen(f"{self.url}/v2/?lazyfs-log-mark={marker}", timeout=5).close()
         deadline = time.monotonic() + 5
         while marker not in (text := self.log_path.read_text(errors="replace")):
             if time.monotonic() > deadline:
@@ -163,24 +174,34 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def run_registry(
-    workdir: Path, auth: dict[str, Any] | None = None, credentials: Credentials | None = None
+    workdir: Path,
+    auth: dict[str, Any] | None = None,
+    credentials: Credentials | None = None,
+    tls: KeyPair | None = None,
+    ca_file: Path | None = None,
+    address: str = "127.0.0.1",
 ) -> Iterator[RegistryServer]:
-    """Start docker-registry with filesystem storage under *workdir*; stop it on exit, even on failure."""
+    """Start docker-registry on *address* with filesystem storage under *workdir* (serving HTTPS with *tls*, a
+    certificate that *ca_file* trusts); stop it on exit, even on failure."""
     if REGISTRY_BIN is None:
         pytest.skip("docker-registry is not installed (Debian package docker-registry)")
     workdir.mkdir(parents=True, exist_ok=True)
-    host = f"127.0.0.1:{free_port()}"
+    host = f"{address}:{free_port()}"
+    http: dict[str, Any] = {"addr": host, "secret": uuid.uuid4().hex}
+    if tls:
+        http["tls"] = {"certificate": str(tls.cert_path), "key": str(tls.key_path)}
     config = {
         "version": "0.1",
         "log": {"level": "warn", "accesslog": {"disabled": False}},
         "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}, "delete": {"enabled": True}},
-        "http": {"addr": host, "secret": uuid.uuid4().hex},
+        "http": http,
     }
     if auth:
         config["auth"] = auth
     config_path = workdir / "config.yml"
     config_path.write_text(json.dumps(config))  # JSON is valid YAML
-    server = RegistryServer(host, workdir / "storage", workdir / "registry.log", credentials, config_path)
+    server = RegistryServer(host, workdir / "storage", workdir / "registry.log", credentials, config_path,
+                            ca_file=ca_file)
     try:
         server.start()
         yield server
@@ -193,7 +214,7 @@ def _wait_until_up(server: RegistryServer, process: subprocess.Popen[bytes]) -> 
     deadline = time.monotonic() + _START_TIMEOUT
     while True:
         try:
-            urllib.request.urlopen(f"{server.url}/v2/", timeout=1).close()
+            server.urlopen(f"{server.url}/v2/", timeout=1).close()
             return
         except urllib.error.HTTPError:
             return
@@ -215,15 +236,19 @@ def registry(tmp_path: Path) -> Iterator[RegistryServer]:
 @pytest.fixture
 def auth_registry(tmp_path: Path) -> Iterator[RegistryServer]:
     """A registry requiring HTTP basic auth (htpasswd) as USERNAME / PASSWORD; ``credentials`` holds them."""
-    bcrypt = pytest.importorskip("bcrypt", reason="bcrypt (dev extra) makes the htpasswd file")
     workdir = tmp_path / "auth-registry"
-    workdir.mkdir()
+    with run_registry(workdir, htpasswd_auth(workdir), Credentials(USERNAME, PASSWORD)) as server:
+        yield server
+
+
+def htpasswd_auth(workdir: Path) -> dict[str, Any]:
+    """The registry ``auth`` setting for USERNAME / PASSWORD, with its htpasswd file in *workdir*."""
+    bcrypt = pytest.importorskip("bcrypt", reason="bcrypt (dev extra) makes the htpasswd file")
+    workdir.mkdir(parents=True, exist_ok=True)
     htpasswd = workdir / "htpasswd"
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     htpasswd.write_text(f"{USERNAME}:{hashed}\n")
-    auth = {"htpasswd": {"realm": "lazyfs-test", "path": str(htpasswd)}}
-    with run_registry(workdir, auth, Credentials(USERNAME, PASSWORD)) as server:
-        yield server
+    return {"htpasswd": {"realm": "lazyfs-test", "path": str(htpasswd)}}
 
 
 # --- bearer tokens ----------------------------------------------------------------------------------------
@@ -231,7 +256,7 @@ def auth_registry(tmp_path: Path) -> Iterator[RegistryServer]:
 
 @dataclasses.dataclass(frozen=True)
 class KeyPair:
-    """An RSA key and its self-signed certificate for 127.0.0.1: signs tokens and serves TLS."""
+    """A key and its certificate (``key_pair``: RSA, self-signed for 127.0.0.1): signs tokens and serves TLS."""
 
     key_path: Path
     cert_path: Path
