@@ -1,8 +1,9 @@
 """Cold container start, HelloBench style: overlayfs (plain pull, then run) against lazyfs (lazy pull, then run).
 
-Images are made from the Debian rootfs (python3): `python` runs ``python3 -c 'print(1)'``; `httpd` serves
-with ``python3 -m http.server`` (ready = first HTTP 200); `big` is the python image plus ~770 MB of filler
-(about 1 GB of files). They sit in a docker-registry inside a network namespace whose veth egress is
+Images are made from Debian roots (debootstrap): `python` runs ``python3 -c 'print(1)'`` in the python3 root;
+`httpd` serves with ``python3 -m http.server`` and `nginx` runs nginx in the foreground in the nginx root (for
+both, ready = first HTTP 200 on the host network); `big` is the python image plus ~770 MB of filler (about 1 GB
+of files). They sit in a docker-registry inside a network namespace whose veth egress is
 tc-limited (tbf), reached by a private containerd 1.6 + `lazyfs snapshotter` over plain HTTP.
 
 Every measured run is cold: image removed from containerd (sync GC), lazyfs cache emptied, snapshotter
@@ -33,7 +34,7 @@ from typing import Any
 
 import trio
 
-from bench.common import LAZYFS, ROOT, drop_caches, pyplot, rootfs, run
+from bench.common import LAZYFS, ROOT, drop_caches, nginx_rootfs, pyplot, rootfs, run
 from bench.convert import make_layer_tar, push_layer_image
 from bench.lazy_read import pull_all
 from tests.containerd_fixtures import Containerd, SnapshotterProcess, unmount_all_under
@@ -41,7 +42,19 @@ from tests.hosts import NetnsRegistry, tc_limit, tc_unlimit
 from tests.registry_fixtures import REGISTRY_BIN, RegistryServer
 
 PORT = 5000
-HTTP_PORT = 18080  # `httpd` listens here on the host network (ctr run --net-host)
+HTTP_PORT = 18080  # `httpd` and `nginx` listen here on the host network (ctr run --net-host)
+NGINX_CONF = "etc/nginx/lazyfs-bench.conf"  # added to the nginx image: foreground, HTTP_PORT, the stock page
+NGINX_CONF_TEXT = f"""daemon off;
+worker_processes 1;
+error_log stderr;
+pid /run/nginx-bench.pid;
+events {{ worker_connections 64; }}
+http {{
+    include /etc/nginx/mime.types;
+    access_log off;
+    server {{ listen 127.0.0.1:{HTTP_PORT}; root /usr/share/nginx/html; }}
+}}
+"""
 READY_TIMEOUT = 600.0
 SPEEDUP_TARGETS = {"python": 3.0, "big": 10.0}  # E2E overlayfs / E2E lazyfs at 100 Mbit/s (issue 6)
 
@@ -66,6 +79,7 @@ PRINT = ("python3", "-c", "print(1)")
 CASES = {c.name: c for c in (
     Case("python", "python", 100, PRINT),
     Case("httpd", "python", 100, ("python3", "-m", "http.server", str(HTTP_PORT)), http=True),
+    Case("nginx", "nginx", 100, ("nginx", "-c", f"/{NGINX_CONF}"), http=True),
     Case("big", "big", 100, PRINT),
     Case("python-3MBps", "python", 24, PRINT),
 )}
@@ -147,17 +161,30 @@ class Image:
     nydus_bytes: int
 
 
+def image_layer(name: str, layer: Path) -> None:
+    """Write the one layer tar of image *name*: its Debian root, plus the filler (big) or config (nginx)."""
+    root = nginx_rootfs() if name == "nginx" else rootfs()
+    subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(layer), "."], check=True)
+    if name == "big":
+        filler = layer.with_name("filler.tar")
+        make_layer_tar(filler, 770 << 20)
+        subprocess.run(["tar", "-A", "-f", str(layer), str(filler)], check=True)
+        filler.unlink()
+    elif name == "nginx":
+        extra = layer.with_name("nginx-extra")
+        (extra / NGINX_CONF).parent.mkdir(parents=True)
+        (extra / NGINX_CONF).write_text(NGINX_CONF_TEXT)
+        subprocess.run(["tar", "-C", str(extra), "--numeric-owner", "--owner=0", "--group=0", "-rf", str(layer),
+                        NGINX_CONF], check=True)
+        shutil.rmtree(extra)
+
+
 def build_images(names: set[str], work: Path, registry: RegistryServer) -> dict[str, Image]:
     """Push each image in *names* as a one-layer OCI image, convert it with `lazyfs convert`, size both."""
     images = {}
     for name in sorted(names):
         layer = work / f"{name}.tar"
-        subprocess.run(["tar", "-C", str(rootfs()), "--numeric-owner", "-cf", str(layer), "."], check=True)
-        if name == "big":
-            filler = work / "filler.tar"
-            make_layer_tar(filler, 770 << 20)
-            subprocess.run(["tar", "-A", "-f", str(layer), str(filler)], check=True)
-            filler.unlink()
+        image_layer(name, layer)
         oci = trio.run(push_layer_image, registry.host, layer, f"bench/{name}")
         layer.unlink()
         layer.with_suffix(".tar.gz").unlink()
@@ -298,6 +325,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("cold_start.json"), help="results file")
     parser.add_argument("--png", type=Path, default=Path("cold_start.png"), help="chart file (needs matplotlib)")
     args = parser.parse_args()
+    unknown = [name for name in args.cases.split(",") if name not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
     cases = [CASES[name] for name in args.cases.split(",")]
     if os.geteuid() != 0:
         raise SystemExit("cold_start needs root (network namespaces, containerd, drop_caches)")
