@@ -136,19 +136,20 @@ wait_log() {
   log "$(basename "$1" .log) did not come up (log: $1)"; tail -15 "$1" >&2; return 1
 }
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-# Registry access-log lines so far, and the bytes (and requests) it served after line $1 (to clients whose
-# User-Agent is $2, when given: `lazyfs` for lazyfs's registry client, `lazyfs-seed` for peers going to source).
+# Registry access-log lines so far, and the bytes (and requests) it served after line $1 (only for request
+# lines matching the extended regex $2, when given).
 access_lines() { grep -c '^[0-9.]* - - \[' "$work/registry.log" || true; }
 served() {
-  grep '^[0-9.]* - - \[' "$work/registry.log" | tail -n +"$(($1 + 1))" | awk -F'"' -v ua="${2-}" \
-    '(ua == "" || $6 == ua) {split($3, a, " "); b += (a[2] == "-" ? 0 : a[2]); n++} END {printf "%d %d\n", b, n}'
+  grep '^[0-9.]* - - \[' "$work/registry.log" | tail -n +"$(($1 + 1))" | awk -F'"' -v re="${2-}" \
+    '$2 ~ re {split($3, a, " "); b += (a[2] == "-" ? 0 : a[2]); n++} END {printf "%d %d\n", b, n}'
 }
 # Sum of the samples of counter $2 on the /metrics port $1 of a peer (0 when it has none).
 metric() {
   curl -sf "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m || index($1, m "{") == 1 {s += $2} END {printf "%d\n", s}'
 }
 mb() { awk -v b="$1" 'BEGIN {printf "%.1f MB", b / 1e6}'; }
-# Sum of the layer sizes of image $1 in the registry (its manifest), and the number of layers.
+# Sum of the layer sizes of image $1 in the registry (its manifest), the number of layers, the last layer's size
+# and the digests of the others, joined by |.
 image_size() {
   "$PY" - "$reg" "$1" <<'PYEOF'
 import json, sys, urllib.request
@@ -157,7 +158,7 @@ repo, tag = ref.split("/", 1)[1].rsplit(":", 1)
 accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 req = urllib.request.Request(f"http://{reg}/v2/{repo}/manifests/{tag}", headers={"Accept": accept})
 layers = json.load(urllib.request.urlopen(req))["layers"]
-print(sum(layer["size"] for layer in layers), len(layers), layers[-1]["size"])
+print(sum(layer["size"] for layer in layers), len(layers), layers[-1]["size"], "|".join(l["digest"] for l in layers[:-1]))
 PYEOF
 }
 
@@ -182,8 +183,16 @@ curl -sf "http://$reg/v2/" >/dev/null || { tail "$work/registry.log" >&2; exit 1
 printf 'registry: http://%s (data in %s)\n' "$reg" "$work/registry"
 
 step "starting the P2P daemons on 127.0.0.1: scheduler, seed peer, peer with its registry mirror"
-show "lazyfs scheduler --listen 127.0.0.1:0"
-setsid "$LAZYFS" scheduler --listen 127.0.0.1:0 > "$work/scheduler.log" 2>&1 &
+# Everything is on 127.0.0.1 and a seed answers in milliseconds here: look for parents every 50 ms, not every
+# 500 (Dragonfly's default for real networks), and send a peer that found none to the origin after 0.5 s, not 2.
+cat > "$work/scheduler.toml" <<TOML
+retry_interval = 0.05
+retry_back_to_source_limit = 10
+retry_limit = 20
+TOML
+show "lazyfs scheduler --listen 127.0.0.1:0 --config $work/scheduler.toml"
+sed 's/^/  /' "$work/scheduler.toml"
+setsid "$LAZYFS" scheduler --listen 127.0.0.1:0 --config "$work/scheduler.toml" > "$work/scheduler.log" 2>&1 &
 scheduler_pid=$!
 wait_log "$work/scheduler.log" 'scheduler_started .*port=[0-9]+' "$scheduler_pid"
 sched="127.0.0.1:$(grep -Eo 'scheduler_started .*port=[0-9]+' "$work/scheduler.log" | head -1 | sed 's/.*port=//')"
@@ -236,7 +245,7 @@ t0=$(now)
   || { tail -20 "$work/convert.log" >&2; exit 1; }
 t1=$(now)
 grep '^manifest:' "$work/convert.log" || true
-read -r nydus_bytes nydus_layers boot_bytes < <(image_size "$nydus_ref")
+read -r nydus_bytes nydus_layers boot_bytes data_blobs < <(image_size "$nydus_ref")
 printf 'converted in %s s: %d data blobs + bootstrap layer (%s), %s in all\n' "$(secs "$t0" "$t1")" \
   "$((nydus_layers - 1))" "$(mb "$boot_bytes")" "$(mb "$nydus_bytes")"
 
@@ -312,8 +321,7 @@ show "ctr -n $ns run --rm --snapshotter lazyfs $nydus_ref lazyfs-$id ${app[*]}"
 "${CTR[@]}" run --rm --snapshotter lazyfs "$nydus_ref" "lazyfs-$id" "${app[@]}"
 t2=$(now)
 read -r lz_bytes lz_requests < <(served "$mark")
-read -r lz_direct _ < <(served "$mark" lazyfs)
-read -r lz_source _ < <(served "$mark" lazyfs-seed)
+read -r lz_source _ < <(served "$mark" "/blobs/($data_blobs) ")  # the data blobs: only peers fetch them
 seed_source=$(metric "$seed_metrics" lazyfs_peer_source_bytes_total)
 seed_upload=$(metric "$seed_metrics" lazyfs_peer_upload_bytes_total)
 peer_source=$(metric "$peer_metrics" lazyfs_peer_source_bytes_total)
@@ -343,10 +351,11 @@ print(f"image in the registry: OCI {oci / 1e6:.1f} MB, Nydus {nydus / 1e6:.1f} M
 print(f"lazyfs fetched {fetched / 1e6:.1f} MB of blob data (lazyfs status) + {boot / 1e6:.2f} MB bootstrap layer"
       f" = {(fetched + boot) / 1e6:.1f} MB = {100 * (fetched + boot) / nydus:.1f}% of the Nydus image")
 print()
-print("where lazyfs's bytes came from (registry access log by client; peers' /metrics):")
+print("where lazyfs's bytes came from (registry access log: data blobs or not; peers' /metrics):")
 seed_source, peer_source, seed_upload = $seed_source, $peer_source, $seed_upload
-paths = [("registry -> lazyfs image pull (manifest, config, bootstrap layer)", $lz_direct),
-         (f"registry -> back to source (seed {seed_source / 1e6:.1f} MB, peer {peer_source / 1e6:.1f} MB)", $lz_source),
+lz_bytes, lz_source = $lz_bytes, $lz_source
+paths = [("registry -> lazyfs image pull (manifest, config, bootstrap layer)", lz_bytes - lz_source),
+         (f"registry -> back to source (seed {seed_source / 1e6:.1f} MB, peer {peer_source / 1e6:.1f} MB)", lz_source),
          (f"seed peer -> peer, P2P pieces (seed uploaded {seed_upload / 1e6:.1f} MB)", $peer_from_seed),
          ("peer's registry mirror -> lazyfs mount", $peer_proxied)]
 for what, n in paths:
