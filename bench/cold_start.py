@@ -39,12 +39,11 @@ from bench.convert import make_layer_tar, push_layer_image
 from bench.lazy_read import pull_all
 from tests.containerd_fixtures import Containerd, SnapshotterProcess, unmount_all_under
 from tests.hosts import NetnsRegistry, tc_limit, tc_unlimit
-from tests.registry_fixtures import REGISTRY_BIN, RegistryServer
+from tests.registry_fixtures import REGISTRY_BIN, RegistryServer, free_port
 
 PORT = 5000
-HTTP_PORT = 18080  # `httpd` and `nginx` listen here on the host network (ctr run --net-host)
-NGINX_CONF = "etc/nginx/lazyfs-bench.conf"  # added to the nginx image: foreground, HTTP_PORT, the stock page
-NGINX_CONF_TEXT = f"""daemon off;
+NGINX_CONF = "etc/nginx/lazyfs-bench.conf"  # added to the nginx image: foreground, the port, the stock page
+NGINX_CONF_TEXT = """daemon off;
 worker_processes 1;
 error_log stderr;
 pid /run/nginx-bench.pid;
@@ -52,7 +51,7 @@ events {{ worker_connections 64; }}
 http {{
     include /etc/nginx/mime.types;
     access_log off;
-    server {{ listen 127.0.0.1:{HTTP_PORT}; root /usr/share/nginx/html; }}
+    server {{ listen 127.0.0.1:{port}; root /usr/share/nginx/html; }}
 }}
 """
 READY_TIMEOUT = 600.0
@@ -66,8 +65,12 @@ class Case:
     name: str
     image: str  # key of the built image
     rate_mbit: int
-    command: tuple[str, ...]
-    http: bool = False  # ready = first HTTP 200 on HTTP_PORT, not the command's exit
+    command: tuple[str, ...]  # "{port}" stands for the HTTP port of this benchmark run
+    http: bool = False  # ready = first HTTP 200 on that port (host network), not the command's exit
+
+    def argv(self, port: int) -> list[str]:
+        """The command, for a server listening on *port*."""
+        return [arg.replace("{port}", str(port)) for arg in self.command]
 
     @property
     def bandwidth(self) -> float:
@@ -78,7 +81,7 @@ class Case:
 PRINT = ("python3", "-c", "print(1)")
 CASES = {c.name: c for c in (
     Case("python", "python", 100, PRINT),
-    Case("httpd", "python", 100, ("python3", "-m", "http.server", str(HTTP_PORT)), http=True),
+    Case("httpd", "python", 100, ("python3", "-m", "http.server", "{port}"), http=True),
     Case("nginx", "nginx", 100, ("nginx", "-c", f"/{NGINX_CONF}"), http=True),
     Case("big", "big", 100, PRINT),
     Case("python-3MBps", "python", 24, PRINT),
@@ -161,8 +164,9 @@ class Image:
     nydus_bytes: int
 
 
-def image_layer(name: str, layer: Path) -> None:
-    """Write the one layer tar of image *name*: its Debian root, plus the filler (big) or config (nginx)."""
+def image_layer(name: str, layer: Path, http_port: int) -> None:
+    """Write the one layer tar of image *name*: its Debian root, plus the filler (big) or config (nginx, serving
+    on *http_port*)."""
     root = nginx_rootfs() if name == "nginx" else rootfs()
     subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(layer), "."], check=True)
     if name == "big":
@@ -173,18 +177,18 @@ def image_layer(name: str, layer: Path) -> None:
     elif name == "nginx":
         extra = layer.with_name("nginx-extra")
         (extra / NGINX_CONF).parent.mkdir(parents=True)
-        (extra / NGINX_CONF).write_text(NGINX_CONF_TEXT)
+        (extra / NGINX_CONF).write_text(NGINX_CONF_TEXT.format(port=http_port))
         subprocess.run(["tar", "-C", str(extra), "--numeric-owner", "--owner=0", "--group=0", "-rf", str(layer),
                         NGINX_CONF], check=True)
         shutil.rmtree(extra)
 
 
-def build_images(names: set[str], work: Path, registry: RegistryServer) -> dict[str, Image]:
+def build_images(names: set[str], work: Path, registry: RegistryServer, http_port: int) -> dict[str, Image]:
     """Push each image in *names* as a one-layer OCI image, convert it with `lazyfs convert`, size both."""
     images = {}
     for name in sorted(names):
         layer = work / f"{name}.tar"
-        image_layer(name, layer)
+        image_layer(name, layer, http_port)
         oci = trio.run(push_layer_image, registry.host, layer, f"bench/{name}")
         layer.unlink()
         layer.with_suffix(".tar.gz").unlink()
@@ -201,8 +205,8 @@ def build_images(names: set[str], work: Path, registry: RegistryServer) -> dict[
 class Bench:
     """The private containerd + snapshotter and the per-run steps."""
 
-    def __init__(self, containerd: Containerd, cache: Path, registry: RegistryServer) -> None:
-        self.containerd, self.cache, self.registry = containerd, cache, registry
+    def __init__(self, containerd: Containerd, cache: Path, registry: RegistryServer, http_port: int) -> None:
+        self.containerd, self.cache, self.registry, self.http_port = containerd, cache, registry, http_port
 
     def reset(self) -> None:
         """Make the next run cold: images removed (sync GC), lazyfs cache emptied, snapshotter restarted,
@@ -230,13 +234,14 @@ class Bench:
                            check=True, capture_output=True, timeout=READY_TIMEOUT)
         name = f"cs-{secrets.token_hex(4)}"
         if not case.http:
-            out = ctr("run", "--rm", "--snapshotter", snapshotter, ref, name, *case.command, timeout=READY_TIMEOUT)
+            out = ctr("run", "--rm", "--snapshotter", snapshotter, ref, name, *case.argv(self.http_port),
+                      timeout=READY_TIMEOUT)
             if out.stdout.strip() != "1":
                 raise RuntimeError(f"unexpected output of {case.command}: {out.stdout!r}")
             return time.perf_counter() - start
-        ctr("run", "-d", "--net-host", "--snapshotter", snapshotter, ref, name, *case.command)
+        ctr("run", "-d", "--net-host", "--snapshotter", snapshotter, ref, name, *case.argv(self.http_port))
         try:
-            wait_http_ok(f"http://127.0.0.1:{HTTP_PORT}/")
+            wait_http_ok(f"http://127.0.0.1:{self.http_port}/")
             return time.perf_counter() - start
         finally:
             ctr("tasks", "kill", "-s", "KILL", name, check=False)
@@ -336,7 +341,8 @@ def main() -> None:
     containerd: Containerd | None = None
     try:
         with namespace_link() as link, namespace_registry(work / "registry", link) as registry:
-            images = build_images({c.image for c in cases}, work, registry)
+            http_port = free_port()  # one per run: benchmarks started side by side do not answer each other
+            images = build_images({c.image for c in cases}, work, registry, http_port)
             cache = work / "cache"
             config = work / "snapshotter.toml"
             config.write_text(f'[lazyfs]\nmode = "{args.mode}"\ncache_dir = "{cache}"\n'
@@ -346,7 +352,7 @@ def main() -> None:
             containerd = Containerd(work, snapshotter, namespace=f"lzbench-{secrets.token_hex(4)}")
             snapshotter.start()
             containerd.start()
-            bench = Bench(containerd, cache, registry)
+            bench = Bench(containerd, cache, registry, http_port)
             for case in cases:
                 link.shape(case.rate_mbit)
                 image = images[case.image]
