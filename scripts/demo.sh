@@ -10,7 +10,7 @@
 #  5. cold start through overlayfs: `ctr image pull` + `ctr run --snapshotter overlayfs` (straight from the registry);
 #  6. cold start through lazyfs: `lazyfs image pull` + `ctr run --snapshotter lazyfs`;
 #  7. print the comparison: pull, run and total seconds, bytes served by the registry, and where lazyfs's bytes
-#     came from (registry access log by client, peer metrics).
+#     came from (registry access log: data blobs or the rest; the peers' /metrics).
 # Nothing outside a fresh /tmp/lzdemo.* directory is used except containerd's and runc's fixed paths
 # (/run/containerd/runc/NS, /run/containerd/s, the NS cgroups), which are cleaned up as well.
 # Environment: ROOTFS (Debian root, made once), LAZYFS_DEMO_MODE (fuse | erofs: the snapshotter's mount mode),
@@ -158,7 +158,7 @@ repo, tag = ref.split("/", 1)[1].rsplit(":", 1)
 accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 req = urllib.request.Request(f"http://{reg}/v2/{repo}/manifests/{tag}", headers={"Accept": accept})
 layers = json.load(urllib.request.urlopen(req))["layers"]
-print(sum(layer["size"] for layer in layers), len(layers), layers[-1]["size"], "|".join(l["digest"] for l in layers[:-1]))
+print(sum(layer["size"] for layer in layers), len(layers), layers[-1]["size"], "|".join(layer["digest"] for layer in layers[:-1]))
 PYEOF
 }
 
@@ -351,7 +351,7 @@ print(f"image in the registry: OCI {oci / 1e6:.1f} MB, Nydus {nydus / 1e6:.1f} M
 print(f"lazyfs fetched {fetched / 1e6:.1f} MB of blob data (lazyfs status) + {boot / 1e6:.2f} MB bootstrap layer"
       f" = {(fetched + boot) / 1e6:.1f} MB = {100 * (fetched + boot) / nydus:.1f}% of the Nydus image")
 print()
-print("where lazyfs's bytes came from (registry access log: data blobs or not; peers' /metrics):")
+print("where lazyfs's bytes came from (registry access log: data blobs or the rest; the peers' /metrics):")
 seed_source, peer_source, seed_upload = $seed_source, $peer_source, $seed_upload
 lz_bytes, lz_source = $lz_bytes, $lz_source
 paths = [("registry -> lazyfs image pull (manifest, config, bootstrap layer)", lz_bytes - lz_source),
