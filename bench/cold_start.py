@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -225,6 +226,8 @@ class Bench:
     def pull_and_run(self, case: Case, snapshotter: str, ref: str) -> float:
         """Seconds for the pull plus the run of *case* until ready."""
         ctr = self.containerd.ctr
+        if case.http:
+            refuse_answering_port(self.http_port)
         start = time.perf_counter()
         if snapshotter == "overlayfs":
             ctr("image", "pull", "--plain-http", ref, timeout=READY_TIMEOUT)
@@ -257,6 +260,13 @@ class Bench:
         warm = self.pull_and_run(case, snapshotter, ref)
         return {"e2e_s": e2e, "warm_s": warm, "fetched_bytes": fetched,
                 "bound_s": warm + fetched / case.bandwidth}
+
+
+def refuse_answering_port(port: int) -> None:
+    """Fail when something already listens on 127.0.0.1:*port*: it, not the container, would answer."""
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} already answers before the container starts; rerun to pick another")
 
 
 def wait_http_ok(url: str) -> None:
