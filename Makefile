@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ROOTFS ?= /var/cache/lazyfs/rootfs-bookworm
+NGINX_ROOTFS ?= /var/cache/lazyfs/rootfs-bookworm-nginx
 
-.PHONY: all deps venv rootfs test lint typecheck demo bench clean
+.PHONY: all deps venv rootfs rootfs-nginx test lint typecheck demo bench clean
 
 all: test
 
@@ -29,18 +30,21 @@ typecheck: venv
 rootfs: deps
 	@scripts/debian-rootfs.sh $(ROOTFS)
 
+rootfs-nginx: deps
+	@scripts/debian-rootfs.sh $(NGINX_ROOTFS) nginx
+
 test: deps venv rootfs lint typecheck
 	LAZYFS_TEST_ROOTFS=$(ROOTFS) $(VENV)/bin/pytest -q -p no:cacheprovider
 
 demo: deps venv
 	@scripts/demo.sh
 
-bench: deps venv rootfs
+bench: deps venv rootfs rootfs-nginx
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.convert
 	$(PY) -m bench.metadata
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.fuse_read
 	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.lazy_read
-	LAZYFS_BENCH_ROOTFS=$(ROOTFS) $(PY) -m bench.cold_start --json /tmp/lazyfs-cold-start.json --png /tmp/lazyfs-cold-start.png
+	LAZYFS_BENCH_ROOTFS=$(ROOTFS) LAZYFS_BENCH_NGINX_ROOTFS=$(NGINX_ROOTFS) $(PY) -m bench.cold_start --json /tmp/lazyfs-cold-start.json --png /tmp/lazyfs-cold-start.png
 	$(PY) -m bench.p2p_swarm --json /tmp/lazyfs-p2p-swarm.json
 
 clean:

@@ -1,8 +1,9 @@
 """Cold container start, HelloBench style: overlayfs (plain pull, then run) against lazyfs (lazy pull, then run).
 
-Images are made from the Debian rootfs (python3): `python` runs ``python3 -c 'print(1)'``; `httpd` serves
-with ``python3 -m http.server`` (ready = first HTTP 200); `big` is the python image plus ~770 MB of filler
-(about 1 GB of files). They sit in a docker-registry inside a network namespace whose veth egress is
+Images are made from Debian roots (debootstrap): `python` runs ``python3 -c 'print(1)'`` in the python3 root;
+`httpd` serves with ``python3 -m http.server`` and `nginx` runs nginx in the foreground in the nginx root (for
+both, ready = first HTTP 200 on the host network); `big` is the python image plus ~770 MB of filler (about 1 GB
+of files). They sit in a docker-registry inside a network namespace whose veth egress is
 tc-limited (tbf), reached by a private containerd 1.6 + `lazyfs snapshotter` over plain HTTP.
 
 Every measured run is cold: image removed from containerd (sync GC), lazyfs cache emptied, snapshotter
@@ -21,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -33,15 +35,26 @@ from typing import Any
 
 import trio
 
-from bench.common import LAZYFS, ROOT, drop_caches, pyplot, rootfs, run
+from bench.common import LAZYFS, ROOT, drop_caches, nginx_rootfs, pyplot, rootfs, run
 from bench.convert import make_layer_tar, push_layer_image
 from bench.lazy_read import pull_all
 from tests.containerd_fixtures import Containerd, SnapshotterProcess, unmount_all_under
 from tests.hosts import NetnsRegistry, tc_limit, tc_unlimit
-from tests.registry_fixtures import REGISTRY_BIN, RegistryServer
+from tests.registry_fixtures import REGISTRY_BIN, RegistryServer, free_port
 
 PORT = 5000
-HTTP_PORT = 18080  # `httpd` listens here on the host network (ctr run --net-host)
+NGINX_CONF = "etc/nginx/lazyfs-bench.conf"  # added to the nginx image: foreground, the port, the stock page
+NGINX_CONF_TEXT = """daemon off;
+worker_processes 1;
+error_log stderr;
+pid /run/nginx-bench.pid;
+events {{ worker_connections 64; }}
+http {{
+    include /etc/nginx/mime.types;
+    access_log off;
+    server {{ listen 127.0.0.1:{port}; root /usr/share/nginx/html; }}
+}}
+"""
 READY_TIMEOUT = 600.0
 SPEEDUP_TARGETS = {"python": 3.0, "big": 10.0}  # E2E overlayfs / E2E lazyfs at 100 Mbit/s (issue 6)
 
@@ -53,8 +66,12 @@ class Case:
     name: str
     image: str  # key of the built image
     rate_mbit: int
-    command: tuple[str, ...]
-    http: bool = False  # ready = first HTTP 200 on HTTP_PORT, not the command's exit
+    command: tuple[str, ...]  # "{port}" stands for the HTTP port of this benchmark run
+    http: bool = False  # ready = first HTTP 200 on that port (host network), not the command's exit
+
+    def argv(self, port: int) -> list[str]:
+        """The command, for a server listening on *port*."""
+        return [arg.replace("{port}", str(port)) for arg in self.command]
 
     @property
     def bandwidth(self) -> float:
@@ -65,7 +82,8 @@ class Case:
 PRINT = ("python3", "-c", "print(1)")
 CASES = {c.name: c for c in (
     Case("python", "python", 100, PRINT),
-    Case("httpd", "python", 100, ("python3", "-m", "http.server", str(HTTP_PORT)), http=True),
+    Case("httpd", "python", 100, ("python3", "-m", "http.server", "{port}"), http=True),
+    Case("nginx", "nginx", 100, ("nginx", "-c", f"/{NGINX_CONF}"), http=True),
     Case("big", "big", 100, PRINT),
     Case("python-3MBps", "python", 24, PRINT),
 )}
@@ -147,17 +165,31 @@ class Image:
     nydus_bytes: int
 
 
-def build_images(names: set[str], work: Path, registry: RegistryServer) -> dict[str, Image]:
+def image_layer(name: str, layer: Path, http_port: int) -> None:
+    """Write the one layer tar of image *name*: its Debian root, plus the filler (big) or config (nginx, serving
+    on *http_port*)."""
+    root = nginx_rootfs() if name == "nginx" else rootfs()
+    subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(layer), "."], check=True)
+    if name == "big":
+        filler = layer.with_name("filler.tar")
+        make_layer_tar(filler, 770 << 20)
+        subprocess.run(["tar", "-A", "-f", str(layer), str(filler)], check=True)
+        filler.unlink()
+    elif name == "nginx":
+        extra = layer.with_name("nginx-extra")
+        (extra / NGINX_CONF).parent.mkdir(parents=True)
+        (extra / NGINX_CONF).write_text(NGINX_CONF_TEXT.format(port=http_port))
+        subprocess.run(["tar", "-C", str(extra), "--numeric-owner", "--owner=0", "--group=0", "-rf", str(layer),
+                        NGINX_CONF], check=True)
+        shutil.rmtree(extra)
+
+
+def build_images(names: set[str], work: Path, registry: RegistryServer, http_port: int) -> dict[str, Image]:
     """Push each image in *names* as a one-layer OCI image, convert it with `lazyfs convert`, size both."""
     images = {}
     for name in sorted(names):
         layer = work / f"{name}.tar"
-        subprocess.run(["tar", "-C", str(rootfs()), "--numeric-owner", "-cf", str(layer), "."], check=True)
-        if name == "big":
-            filler = work / "filler.tar"
-            make_layer_tar(filler, 770 << 20)
-            subprocess.run(["tar", "-A", "-f", str(layer), str(filler)], check=True)
-            filler.unlink()
+        image_layer(name, layer, http_port)
         oci = trio.run(push_layer_image, registry.host, layer, f"bench/{name}")
         layer.unlink()
         layer.with_suffix(".tar.gz").unlink()
@@ -174,8 +206,8 @@ def build_images(names: set[str], work: Path, registry: RegistryServer) -> dict[
 class Bench:
     """The private containerd + snapshotter and the per-run steps."""
 
-    def __init__(self, containerd: Containerd, cache: Path, registry: RegistryServer) -> None:
-        self.containerd, self.cache, self.registry = containerd, cache, registry
+    def __init__(self, containerd: Containerd, cache: Path, registry: RegistryServer, http_port: int) -> None:
+        self.containerd, self.cache, self.registry, self.http_port = containerd, cache, registry, http_port
 
     def reset(self) -> None:
         """Make the next run cold: images removed (sync GC), lazyfs cache emptied, snapshotter restarted,
@@ -194,6 +226,8 @@ class Bench:
     def pull_and_run(self, case: Case, snapshotter: str, ref: str) -> float:
         """Seconds for the pull plus the run of *case* until ready."""
         ctr = self.containerd.ctr
+        if case.http:
+            refuse_answering_port(self.http_port)
         start = time.perf_counter()
         if snapshotter == "overlayfs":
             ctr("image", "pull", "--plain-http", ref, timeout=READY_TIMEOUT)
@@ -203,13 +237,14 @@ class Bench:
                            check=True, capture_output=True, timeout=READY_TIMEOUT)
         name = f"cs-{secrets.token_hex(4)}"
         if not case.http:
-            out = ctr("run", "--rm", "--snapshotter", snapshotter, ref, name, *case.command, timeout=READY_TIMEOUT)
+            out = ctr("run", "--rm", "--snapshotter", snapshotter, ref, name, *case.argv(self.http_port),
+                      timeout=READY_TIMEOUT)
             if out.stdout.strip() != "1":
                 raise RuntimeError(f"unexpected output of {case.command}: {out.stdout!r}")
             return time.perf_counter() - start
-        ctr("run", "-d", "--net-host", "--snapshotter", snapshotter, ref, name, *case.command)
+        ctr("run", "-d", "--net-host", "--snapshotter", snapshotter, ref, name, *case.argv(self.http_port))
         try:
-            wait_http_ok(f"http://127.0.0.1:{HTTP_PORT}/")
+            wait_http_ok(f"http://127.0.0.1:{self.http_port}/")
             return time.perf_counter() - start
         finally:
             ctr("tasks", "kill", "-s", "KILL", name, check=False)
@@ -225,6 +260,13 @@ class Bench:
         warm = self.pull_and_run(case, snapshotter, ref)
         return {"e2e_s": e2e, "warm_s": warm, "fetched_bytes": fetched,
                 "bound_s": warm + fetched / case.bandwidth}
+
+
+def refuse_answering_port(port: int) -> None:
+    """Fail when something already listens on 127.0.0.1:*port*: it, not the container, would answer."""
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} already answers before the container starts; rerun to pick another")
 
 
 def wait_http_ok(url: str) -> None:
@@ -298,6 +340,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("cold_start.json"), help="results file")
     parser.add_argument("--png", type=Path, default=Path("cold_start.png"), help="chart file (needs matplotlib)")
     args = parser.parse_args()
+    unknown = [name for name in args.cases.split(",") if name not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
     cases = [CASES[name] for name in args.cases.split(",")]
     if os.geteuid() != 0:
         raise SystemExit("cold_start needs root (network namespaces, containerd, drop_caches)")
@@ -306,7 +351,8 @@ def main() -> None:
     containerd: Containerd | None = None
     try:
         with namespace_link() as link, namespace_registry(work / "registry", link) as registry:
-            images = build_images({c.image for c in cases}, work, registry)
+            http_port = free_port()  # one per run: benchmarks started side by side do not answer each other
+            images = build_images({c.image for c in cases}, work, registry, http_port)
             cache = work / "cache"
             config = work / "snapshotter.toml"
             config.write_text(f'[lazyfs]\nmode = "{args.mode}"\ncache_dir = "{cache}"\n'
@@ -316,7 +362,7 @@ def main() -> None:
             containerd = Containerd(work, snapshotter, namespace=f"lzbench-{secrets.token_hex(4)}")
             snapshotter.start()
             containerd.start()
-            bench = Bench(containerd, cache, registry)
+            bench = Bench(containerd, cache, registry, http_port)
             for case in cases:
                 link.shape(case.rate_mbit)
                 image = images[case.image]

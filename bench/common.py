@@ -45,12 +45,23 @@ def run(cmd: list[str] | str, *, shell: bool = False) -> Run:
         return Run(elapsed, int(report.read().split()[-1]) / 1024)
 
 
-def rootfs() -> Path:
-    """The Debian root used as a realistic image (made by `make rootfs`)."""
-    path = Path(os.environ.get("LAZYFS_BENCH_ROOTFS", "/var/cache/lazyfs/rootfs-bookworm"))
-    if not (path / "usr" / "bin" / "python3").exists():
-        raise SystemExit(f"no Debian rootfs at {path}: run `make rootfs` first")
+def _cached_root(variable: str, default: str, program: str, target: str) -> Path:
+    """The Debian root named by environment *variable* (else *default*), checked to hold *program*."""
+    path = Path(os.environ.get(variable, default))
+    if not (path / program).exists():
+        raise SystemExit(f"no Debian rootfs with /{program} at {path}: run `make {target}` first")
     return path
+
+
+def rootfs() -> Path:
+    """The Debian root with python3 used as a realistic image (made by `make rootfs`)."""
+    return _cached_root("LAZYFS_BENCH_ROOTFS", "/var/cache/lazyfs/rootfs-bookworm", "usr/bin/python3", "rootfs")
+
+
+def nginx_rootfs() -> Path:
+    """The Debian root with nginx, for the web-server image (made by `make rootfs-nginx`)."""
+    return _cached_root("LAZYFS_BENCH_NGINX_ROOTFS", "/var/cache/lazyfs/rootfs-bookworm-nginx", "usr/sbin/nginx",
+                        "rootfs-nginx")
 
 
 def tree_bytes(path: Path) -> int:
