@@ -1,10 +1,10 @@
 """The Vortex TCP server that uploads finished pieces to other peers (../shared/docs/dragonfly-protocol.md §2.6).
 
 A connection sends DownloadPiece requests, one at a time (Dragonfly sends one per connection). Each is answered
-with a PieceContent frame followed by the raw piece bytes in 1 MiB chunks, each drawn from the upload limiter and
-read on a worker thread with ``O_DIRECT`` into a reused buffer (content files are written past the page cache, so
-``sendfile`` would fill fresh page cache first: several times the CPU of the read and the send), or with an error
-frame: NOT_FOUND for an unknown task
+with a PieceContent frame followed by the raw piece bytes in 1 MiB chunks, each drawn from the upload limiter, then
+read with ``O_DIRECT`` into a reused buffer and sent, both on a worker thread (content files are written past the
+page cache, so ``sendfile`` would fill fresh page cache first: several times the CPU of the read and the send), or
+with an error frame: NOT_FOUND for an unknown task
 or unfinished piece, INVALID_ARGUMENT for a malformed request, INTERNAL otherwise. When ``max_uploads`` pieces
 are in flight the request is refused with INTERNAL and a message starting "too many uploads" (Vortex has no busy
 code). A frame the server cannot resynchronise after (bad header, tag or length) closes the connection.
@@ -16,6 +16,8 @@ import collections
 import contextlib
 import logging
 import mmap
+import os
+import select
 import socket
 import time
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
 REQUEST_TIMEOUT = 30.0  # waiting for a request, or for a client to take a chunk
+POLL_SLICE_MS = 200  # an upload thread waiting for room checks for cancellation this often
 SUPER_SEED_HOLD = 5.0  # seconds a super-seed waits before handing the same piece out again
 REMOTE_PEER = 1  # common.v2.TrafficType.REMOTE_PEER, as Dragonfly's server reports
 _REQUEST_SIZE = vortex.TASK_ID_LENGTH + 4
@@ -192,17 +195,44 @@ class _Server:
             while done < piece.length:
                 size = min(CHUNK_SIZE, piece.length - done)
                 await self.limiter.acquire(size)
-                data = await trio.to_thread.run_sync(read_into, fd, buffer, piece.offset + done, size)
-                if len(data) < size:
+                try:
+                    await trio.to_thread.run_sync(_read_and_send, fd, stream.socket.fileno(), buffer,
+                                                  piece.offset + done, size)
+                except _Truncated:
                     log.warning("upload of %s failed: the content file is truncated", what)
-                    raise trio.BrokenResourceError(f"{what}: the content file is truncated")
-                with trio.fail_after(REQUEST_TIMEOUT):
-                    await stream.send_all(data)
+                    raise trio.BrokenResourceError(f"{what}: the content file is truncated") from None
+                except OSError as exc:  # the client went away, or stalled past the timeout
+                    raise trio.BrokenResourceError(f"{what}: {exc or type(exc).__name__}") from None
                 done += size
                 self.stats.record(size)
         finally:
             self.buffers.append(buffer)  # reused: fresh memory costs more than the read
         self.stats.pieces_sent += 1
+
+
+class _Truncated(Exception):
+    """The content file ended inside a finished piece."""
+
+
+def _read_and_send(fd: int, sock: int, buffer: mmap.mmap, offset: int, size: int) -> None:
+    """Read *size* bytes at *offset* of *fd* and send them all on the non-blocking socket *sock*, waiting for
+    room with poll (a worker thread's few large sends cost far less than trio's loop per partial send).
+    Gives up after ``REQUEST_TIMEOUT`` without room, and soon after the calling trio task is cancelled."""
+    data = read_into(fd, buffer, offset, size)
+    if len(data) < size:
+        raise _Truncated
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    while data:
+        try:
+            data = data[os.write(sock, data) :]
+            deadline = time.monotonic() + REQUEST_TIMEOUT
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no room to send for {REQUEST_TIMEOUT:.0f} s") from None
+            poller.poll(POLL_SLICE_MS)
+            trio.from_thread.check_cancelled()
 
 
 async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes | None:
