@@ -181,13 +181,26 @@ class Peer:
         return frozenset(range(start // self.task.piece_length, (start + length - 1) // self.task.piece_length + 1))
 
     def may_supply(self, wanted: frozenset[int] | None) -> bool:
-        """Whether this peer holds, or is downloading, every piece in *wanted* (None: the whole task)."""
-        if self.finished_all_pieces or (wanted is not None and wanted <= self.pieces.keys()):
+        """Whether this peer's host holds, or this peer is downloading, every piece in *wanted* (None: the whole
+        task). Pieces live on hosts: what the host's other peers of the task stored (earlier ranged downloads of a
+        seed, say) is served through this one too."""
+        if self.finished_all_pieces:
+            return True
+        held = self.host_pieces()
+        if wanted is not None and wanted <= held:
             return True
         if self.state not in _FETCHING:
             return False
         mine = self.wanted_pieces()
-        return mine is None or (wanted is not None and wanted <= mine)
+        return mine is None or (wanted is not None and wanted <= held | mine)
+
+    def host_pieces(self) -> set[int]:
+        """The piece numbers this peer and the other peers of its task on its host hold."""
+        held = set(self.pieces)
+        for other in self.task.peers.values():
+            if other.host is self.host and other is not self:
+                held.update(other.pieces)
+        return held
 
     @property
     def finished_all_pieces(self) -> bool:

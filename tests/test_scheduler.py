@@ -495,6 +495,27 @@ def test_task_succeeds_when_a_peer_has_all_pieces(cluster: Cluster) -> None:
     assert cluster.state.resources.hosts["h0"].upload_count == 8
 
 
+def test_pieces_held_by_other_peers_of_the_host_count_for_a_ranged_child(cluster: Cluster) -> None:
+    cluster.announce("h0")
+    first = cluster.peer("h0", "a")  # an earlier ranged download stored pieces 0 and 1 on h0
+    first.register(download(need_back_to_source=True, range=common.Range(start=0, length=2 * PIECE)))
+    assert first.recv_kind() == "need_back_to_source_response"
+    first.source_started()
+    first.source_piece(0)
+    first.source_piece(1)
+    first.source_finished()
+    assert first.end() == grpc.StatusCode.OK
+    second = cluster.peer("h0", "b")  # now fetching pieces 2 and 3
+    second.register(download(need_back_to_source=True, range=common.Range(start=2 * PIECE, length=2 * PIECE)))
+    assert second.recv_kind() == "need_back_to_source_response"
+    second.source_started()
+    wait_for(lambda: peer_state(cluster, "b") == "BackToSource")
+    cluster.announce("h1")
+    child = cluster.peer("h1", "c")  # wants pieces 1 and 2: h0 holds one, b fetches the other
+    child.register(download(range=common.Range(start=PIECE + 10, length=PIECE)))
+    assert [p.id for p in child.recv().normal_task_response.candidate_parents] == ["b"]
+
+
 def test_ranged_source_peer_does_not_succeed_task(cluster: Cluster) -> None:
     cluster.announce("h0")
     client = cluster.peer("h0", "p0")
