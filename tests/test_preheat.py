@@ -78,7 +78,7 @@ def proxy_download(registry: str, path: str, **headers: str) -> common.Download:
     sent = [("host", "127.0.0.1:4001"), ("x-dragonfly-registry", registry), ("user-agent", "containerd/2.0"),
             ("accept", "application/vnd.oci.image.layer.v1.tar+gzip, */*"),
             *((k.lower().replace("_", "-"), v) for k, v in headers.items())]
-    url = proxy._upstream_url(path, sent)
+    url = proxy._upstream_url(path, sent, None)
     return proxy._download(url, sent)
 
 
