@@ -381,10 +381,10 @@ class Storage:
                 raise StorageError(f"storage closed while watching task {task_id}")
 
     def _check_watchable(self, task_id: str) -> None:
-        state = self.task(task_id)
-        if state is None:
+        row = self._db.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()  # no piece count
+        if row is None:
             raise StorageError(f"task {task_id} was deleted")
-        if state.state == FAILED:
+        if row[0] == FAILED:
             raise StorageError(f"task {task_id} failed")
 
 
