@@ -10,6 +10,7 @@ import trio
 
 from p2p import reporter as report
 from p2p.api import common
+from p2p.direct_io import aligned_buffer
 from p2p.pieces import Piece, pieces
 from p2p.storage import Storage, StorageError, TaskInfo
 from seed.origin import Origin, OriginError
@@ -30,10 +31,13 @@ async def fetch_from_source(storage: Storage, origin: Origin, download: common.D
 
     async def worker() -> None:
         nonlocal fetched
+        buffer = aligned_buffer(0)  # one per worker, reused piece after piece (and written to disk directly)
         for piece in queue:
             start = time.monotonic_ns()
+            if len(buffer) < piece.length:
+                buffer = aligned_buffer(piece.length)
             try:
-                data = await origin.read(download.url, headers, piece.offset, piece.length)
+                data = await origin.read(download.url, headers, piece.offset, piece.length, into=buffer)
             except OriginError as exc:
                 report.source_piece_failed(reporter, piece.number)
                 raise SourceFailed(f"piece {piece.number} of task {task_id}: {exc}") from exc

@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import logging
+import mmap
 import re
 import ssl
 from collections import OrderedDict
@@ -29,6 +30,8 @@ from lazyfs.registry.errors import RegistryError, UnavailableError
 from lazyfs.registry.redirects import RedirectCache
 from lazyfs.registry.transport import RetryPolicy, describe, read_capped
 from p2p.ratelimit import RateLimiter
+
+Buffer = bytearray | mmap.mmap
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +132,18 @@ class Origin:
         forwarded = forwarded_headers(headers)
         return await self._retrying("stat", url, lambda guard: self._stat_once(url, forwarded))
 
-    async def read(self, url: str, headers: Mapping[str, str], offset: int, length: int) -> bytearray:
-        """Exactly *length* bytes of *url* from *offset*, by a Range request."""
+    async def read(self, url: str, headers: Mapping[str, str], offset: int, length: int,
+                   into: Buffer | None = None) -> memoryview:
+        """Exactly *length* bytes of *url* from *offset*, by a Range request; in *into* (reused by callers that
+        read piece after piece: fresh memory costs more than the bytes) if given, else in a new buffer."""
         if offset < 0 or length <= 0:
             raise ValueError(f"bad range for {url}: offset {offset}, length {length}")
+        if into is not None and len(into) < length:
+            raise ValueError(f"a {len(into)}-byte buffer cannot hold {length} bytes of {url}")
+        view = memoryview(bytearray(length) if into is None else into)[:length]
         forwarded = forwarded_headers(headers)
-        return await self._retrying("read", url, lambda guard: self._read_once(url, forwarded, offset, length, guard))
+        await self._retrying("read", url, lambda guard: self._read_once(url, forwarded, offset, view, guard))
+        return view
 
     async def stream(self, url: str, headers: Mapping[str, str], length: int) -> AsyncIterator[bytes]:
         """The whole content of an origin that ignores Range, chunk by chunk as it arrives: exactly *length* bytes.
@@ -226,18 +235,16 @@ class Origin:
             return SourceInfo(url, total, _info_headers(response, total), status != 200)
 
     async def _read_once(
-        self, url: str, headers: httpx.Headers, offset: int, length: int, guard: trio.CancelScope
-    ) -> bytearray:
-        """GET one range and return its body, checked to be exactly that range."""
-        async with self._open("GET", url, headers, f"bytes={offset}-{offset + length - 1}") as response:
-            _check_range(response, url, offset, length)
-            return await self._read_body(response, url, length, guard)
+        self, url: str, headers: httpx.Headers, offset: int, view: memoryview, guard: trio.CancelScope
+    ) -> None:
+        """GET one range into *view*, checked to be exactly that range."""
+        async with self._open("GET", url, headers, f"bytes={offset}-{offset + len(view) - 1}") as response:
+            _check_range(response, url, offset, len(view))
+            await self._read_body(response, url, view, guard)
 
-    async def _read_body(self, response: httpx.Response, url: str, length: int, guard: trio.CancelScope
-                         ) -> bytearray:
-        """Stream exactly *length* bytes into one buffer, paying the limiter per chunk; never more than *length*."""
-        body = bytearray(length)
-        view = memoryview(body)
+    async def _read_body(self, response: httpx.Response, url: str, view: memoryview, guard: trio.CancelScope) -> None:
+        """Stream exactly ``len(view)`` bytes into *view*, paying the limiter per chunk; never more than that."""
+        length = len(view)
         done = 0
         try:
             async for chunk in response.aiter_raw():
@@ -254,7 +261,6 @@ class Origin:
             ) from exc
         if done < length:
             raise OriginError(f"origin {_redact(url)} sent {done} of {length} bytes", retryable=True)
-        return body
 
     async def _throttle(self, amount: int, guard: trio.CancelScope) -> None:
         """Wait for the bandwidth limiter, moving the attempt's deadline by the time waited."""
