@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import logging
 import mmap
 import re
+import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 import trio
@@ -32,6 +34,21 @@ from lazyfs.registry.transport import RetryPolicy, describe, read_capped
 from p2p.ratelimit import RateLimiter
 
 Buffer = bytearray | mmap.mmap
+RECEIVE_LOWAT = 64 << 10  # wake a body read only once this much has arrived (httpcore reads at most 64 KiB)
+
+
+def _socket(response: httpx.Response) -> Any:
+    """The response's socket (a trio socket), or None where the transport does not say."""
+    stream = response.extensions.get("network_stream")
+    return None if stream is None else stream.get_extra_info("socket")
+
+
+def _receive_lowat(sock: Any, size: int) -> None:
+    """Set SO_RCVLOWAT, so slow links give a few large reads instead of one per trickle of bytes (the Python
+    per read costs more than the bytes: 10 CPU-s per GB at 100 Mbit/s without it)."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, size))
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +263,7 @@ class Origin:
         """Stream exactly ``len(view)`` bytes into *view*, paying the limiter per chunk; never more than that."""
         length = len(view)
         done = 0
+        sock = _socket(response)
         try:
             async for chunk in response.aiter_raw():
                 if done + len(chunk) > length:
@@ -254,11 +272,15 @@ class Origin:
                     )
                 view[done : done + len(chunk)] = chunk
                 done += len(chunk)
+                # the rest of the body is all on the wire now (h11 yields what it buffered): wake for a full read
+                _receive_lowat(sock, min(RECEIVE_LOWAT, length - done))
                 await self._throttle(len(chunk), guard)
         except httpx.TransportError as exc:
             raise OriginError(
                 f"origin {_redact(url)} broke off after {done} of {length} bytes: {describe(exc)}", retryable=True
             ) from exc
+        finally:
+            _receive_lowat(sock, 1)  # the pooled connection reads its next response's headers normally
         if done < length:
             raise OriginError(f"origin {_redact(url)} sent {done} of {length} bytes", retryable=True)
 

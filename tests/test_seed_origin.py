@@ -11,6 +11,7 @@ import os
 import random
 import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -253,8 +254,23 @@ def _basic(h: HostileHandler, state: Hostile, path: str) -> None:
         h.answer(401, {"WWW-Authenticate": 'Basic realm="hostile"'}, b"")
 
 
+def _trickle(h: HostileHandler, state: Hostile, path: str) -> None:
+    """A ranged answer dribbled out in 7 KiB writes, as over a slow link."""
+    wanted = h.requested_range()
+    first, last = wanted if wanted is not None else (0, len(h.body) - 1)
+    h.send_response(206 if wanted is not None else 200)
+    h.send_header("Content-Range", f"bytes {first}-{last}/{len(h.body)}")
+    h.send_header("Content-Length", str(last + 1 - first))
+    h.end_headers()
+    for start in range(first, last + 1, 7 << 10):
+        h.wfile.write(h.body[start : min(start + (7 << 10), last + 1)])
+        h.wfile.flush()
+        time.sleep(0.0005)
+
+
 ROUTES: dict[str, Route] = {
     "/file": _ranged,
+    "/trickle": _trickle,
     "/big": _ranged,
     "/no-head": _no_head,
     "/no-length": _no_length,
@@ -310,6 +326,15 @@ async def test_stat_of_empty_content(hostile: Hostile) -> None:
     async with fast_origin() as origin:
         info = await origin.stat(f"{hostile.url}/empty", {})
     assert (info.content_length, info.ranges) == (0, True)
+
+
+async def test_trickled_bodies_and_the_pooled_connection_after_them(hostile: Hostile) -> None:
+    url = f"{hostile.url}/trickle"
+    async with fast_origin() as origin:  # a receive low-water mark left too high would stall a read: 2 s timeout
+        with trio.fail_after(10):
+            for offset, length in ((0, 90_000), (5, 10), (1000, 70_000), (99_990, 10)):
+                assert await origin.read(url, {}, offset, length) == SMALL[offset : offset + length]
+    assert hostile.hits["/trickle"] == 4  # each read once: none timed out and was retried
 
 
 async def test_origin_ignoring_range(hostile: Hostile) -> None:
