@@ -73,6 +73,7 @@ class PieceCollector:
         self.reporter = reporter
         self.channels = channels
         self.concurrency = concurrency
+        self.threads = trio.CapacityLimiter(concurrency)  # one receiving thread per worker, apart from trio's pool
         self.timeout = timeout
         self.limiter = limiter
         self.failed_on: defaultdict[int, set[str]] = defaultdict(set)
@@ -195,7 +196,8 @@ class PieceCollector:
             buffer = aligned_buffer(piece.length)
         try:
             metadata, data = await download_piece(host, port, self.task_id, number, expected_length=piece.length,
-                                                  timeout=self.timeout, limiter=self.limiter, buffer=buffer)
+                                                  timeout=self.timeout, limiter=self.limiter, buffer=buffer,
+                                                  threads=self.threads)
         except PieceError as exc:
             self._failed(number, parent_id, exc)
         else:

@@ -34,14 +34,16 @@ class PieceError(Exception):
 async def download_piece(host: str, port: int, task_id: str, number: int, *, expected_length: int, timeout: float,
                          limiter: RateLimiter | None = None,
                          expected_offset: int | None = None,
-                         buffer: mmap.mmap | None = None) -> tuple[vortex.PieceMetadata, memoryview]:
+                         buffer: mmap.mmap | None = None,
+                         threads: trio.CapacityLimiter | None = None) -> tuple[vortex.PieceMetadata, memoryview]:
     """The metadata and verified bytes of piece *number* of *task_id*, fetched within *timeout* seconds.
 
     The exchange runs on a worker thread with a blocking socket: a few large receives per piece instead of a
     trip through the trio loop per segment burst (which cost more CPU than the bytes). Cancelling closes the
     socket, which ends the thread. The bytes land in *buffer* if it is big enough (a caller fetching piece after
     piece reuses one: fresh memory costs more than the copy), else in a new one; they are valid until the
-    buffer is reused. Buffers are page aligned, so storage can write them to disk directly.
+    buffer is reused. Buffers are page aligned, so storage can write them to disk directly. *threads* bounds the
+    worker threads (trio's shared default when None).
     """
     where = f"piece {number} of task {task_id} from {host}:{port}"
     if not 0 <= expected_length <= MAX_PIECE_LENGTH:
@@ -54,7 +56,7 @@ async def download_piece(host: str, port: int, task_id: str, number: int, *, exp
     try:
         metadata, data, crc = await trio.to_thread.run_sync(
             fetch.run, number, expected_length, expected_offset, memoryview(buffer)[:expected_length],
-            abandon_on_cancel=True)
+            abandon_on_cancel=True, limiter=threads)
     except TimeoutError:
         raise PieceError("network", f"{where}: timed out after {timeout} s") from None
     except OSError as exc:

@@ -89,7 +89,7 @@ async def serve_pieces(storage: Storage, host: str, port: int, *, limiter: RateL
     so the seed's upload carries each piece about once (BitTorrent's super-seeding).
     """
     listener = await _listen(host, port)
-    server = _Server(storage, limiter, max_uploads, stats, super_seed)
+    server = _Server(storage, limiter, max_uploads, stats, super_seed, trio.CapacityLimiter(max_uploads))
     async with listener, trio.open_nursery() as nursery:
         task_status.started(listener.socket.getsockname()[1])
         await trio.serve_listeners(server.handle, [listener], handler_nursery=nursery)
@@ -102,6 +102,7 @@ class _Server:
     max_uploads: int
     stats: UploadStats
     super_seed: bool
+    threads: trio.CapacityLimiter  # for uploads only: slow children must not starve downloads and storage
     handed_out: dict[tuple[str, int], float] = field(default_factory=dict)  # (task, piece) -> when
     buffers: list[mmap.mmap] = field(default_factory=list)  # aligned read buffers not in use
 
@@ -197,7 +198,7 @@ class _Server:
                 await self.limiter.acquire(size)
                 try:
                     await trio.to_thread.run_sync(_read_and_send, fd, stream.socket.fileno(), buffer,
-                                                  piece.offset + done, size)
+                                                  piece.offset + done, size, limiter=self.threads)
                 except _Truncated:
                     log.warning("upload of %s failed: the content file is truncated", what)
                     raise trio.BrokenResourceError(f"{what}: the content file is truncated") from None
@@ -217,7 +218,8 @@ class _Truncated(Exception):
 def _read_and_send(fd: int, sock: int, buffer: mmap.mmap, offset: int, size: int) -> None:
     """Read *size* bytes at *offset* of *fd* and send them all on the non-blocking socket *sock*, waiting for
     room with poll (a worker thread's few large sends cost far less than trio's loop per partial send).
-    Gives up after ``REQUEST_TIMEOUT`` without room, and soon after the calling trio task is cancelled."""
+    Gives up when the chunk is not sent within ``REQUEST_TIMEOUT``, and soon after the calling trio task is
+    cancelled."""
     data = read_into(fd, buffer, offset, size)
     if len(data) < size:
         raise _Truncated
@@ -227,7 +229,6 @@ def _read_and_send(fd: int, sock: int, buffer: mmap.mmap, offset: int, size: int
     while data:
         try:
             data = data[os.write(sock, data) :]
-            deadline = time.monotonic() + REQUEST_TIMEOUT
         except BlockingIOError:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no room to send for {REQUEST_TIMEOUT:.0f} s") from None
