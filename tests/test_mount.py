@@ -16,6 +16,7 @@ import pytest
 from lazyfs.convert.converter import convert_image
 from lazyfs.fuse.api import api_client
 from lazyfs.fuse.records import find_record
+from lazyfs.rafs.reader import Bootstrap
 from tests.mounts import Lazyfs
 from tests.registry_fixtures import RegistryServer, push_test_image
 from tests.test_convert import image_layers, umoci_flatten, undated_implicit_dirs
@@ -63,6 +64,26 @@ def test_local_mount_is_identical_and_reports_status(lazyfs: Lazyfs, built: tupl
             (mnt / "new-file").write_text("x")
         assert info.value.errno == errno.EROFS
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_small_read_fetches_only_the_chunk_it_needs(lazyfs: Lazyfs, built: tuple[Path, Path, Path],
+                                                    tmp_path: Path) -> None:
+    src, boot, blobs = built
+    bootstrap = Bootstrap.open(boot)
+    root = bootstrap.inode(bootstrap.root_nid)
+    nid = bootstrap.lookup(root, b"random-0.bin")
+    assert nid is not None
+    first, *rest = bootstrap.chunks(bootstrap.inode(nid))
+    assert rest  # a multi-chunk file
+    with lazyfs.mount(boot, tmp_path / "mnt", "--blob-dir", str(blobs)) as mnt:
+        fd = os.open(mnt / "random-0.bin", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == (src / "random-0.bin").read_bytes()[:4096]
+        finally:
+            os.close(fd)
+        time.sleep(0.3)  # time for any readahead or merged neighbour to show up
+        fetch = lazyfs.mount_status(mnt)["fetch"]
+        assert (fetch["backend_requests"], fetch["backend_bytes"]) == (1, first.compressed_size)
 
 
 def test_second_mount_reuses_the_host_cache(lazyfs: Lazyfs, built: tuple[Path, Path, Path], tmp_path: Path) -> None:
