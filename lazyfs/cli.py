@@ -136,9 +136,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 async def _convert(args: argparse.Namespace) -> int:
     from lazyfs.convert.converter import convert_image
-    from lazyfs.rafs.builder import BuildOptions
+    from lazyfs.rafs.builder import BuildOptions, read_prefetch_list
 
-    options = BuildOptions(Compressor.parse(args.compressor), Digester.parse(args.digester), args.chunk_size)
+    prefetch = read_prefetch_list(args.prefetch_list) if args.prefetch_list else ()
+    options = BuildOptions(Compressor.parse(args.compressor), Digester.parse(args.digester), args.chunk_size, prefetch)
     async with _client(args, args.source) as src, _client(args, args.target) as dst:
         result = await convert_image(src, dst, args.source, args.target, platform=args.platform, options=options,
                                      progress=Progress(), work_dir=args.work_dir)
@@ -211,6 +212,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         ratio = "-" if m["cache_hit_ratio"] is None else f"{100 * m['cache_hit_ratio']:.1f}"
         print(f"{m['mountpoint']:30} {m['mode']:5} {human(m['bytes_read']):>10} {human(m['bytes_fetched']):>10} "
               f"{ratio:>6} {m['in_flight']:>8}  {m['source']}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Print the files a fuse mount's readers opened, in first-open order: a prefetch list."""
+    from lazyfs.fuse.control import trace
+
+    for path in trace(Path(args.mountpoint).resolve()):
+        print(path)
     return 0
 
 
@@ -357,7 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", required=True, help="where to write the bootstrap")
     p.add_argument("--blob-dir", required=True, help="directory that receives the blob, named by its sha256")
     _build_options(p)
-    p.add_argument("--prefetch-list", help="file with one path per line to put in the prefetch table")
 
     p = add("merge", cmd_merge, "Merge per-layer bootstraps (lowest layer first) into one bootstrap.")
     p.add_argument("bootstraps", nargs="+", metavar="BOOT")
@@ -413,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status, "List mounts: bytes read, bytes fetched, cache hit ratio, in-flight fetches.")
     p.add_argument("--json", action="store_true")
+
+    p = add("trace", cmd_trace, "Print the files opened on a fuse mount, first-open order: a --prefetch-list.")
+    p.add_argument("mountpoint")
 
     p = add("cache", cmd_cache, "Inspect or garbage-collect the chunk cache.")
     p.add_argument("action", choices=["ls", "gc"])
@@ -473,6 +485,8 @@ def _build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"])
     p.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
     p.add_argument("--chunk-size", type=_chunk_size, default=0x100000, help="bytes per chunk (default 1 MiB)")
+    p.add_argument("--prefetch-list", help="file with one path per line (e.g. from `lazyfs trace`) to put in the "
+                   "prefetch table: mounts fetch those files first")
 
 
 def _registry_options(p: argparse.ArgumentParser) -> None:

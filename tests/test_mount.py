@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lazyfs.convert.converter import convert_image
+from lazyfs.convert.converter import convert_image, read_small_blob
 from lazyfs.fuse.api import api_client
 from lazyfs.fuse.records import find_record
+from lazyfs.rafs.loader import bootstrap_from_layer
 from lazyfs.rafs.reader import Bootstrap
 from tests.mounts import Lazyfs
 from tests.registry_fixtures import RegistryServer, push_test_image
@@ -158,6 +159,41 @@ def test_bad_source_fails_clearly(lazyfs: Lazyfs, tmp_path: Path) -> None:
                   str(tmp_path / "c"), check=False)
     assert proc.returncode == 1 and "not a Nydus bootstrap" in proc.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+async def test_traced_files_are_prefetched_from_the_image_converted_with_them(
+        registry: RegistryServer, lazyfs: Lazyfs, tmp_path: Path) -> None:
+    async with registry.client() as client:
+        pushed = await push_test_image(client, "trace/src", "1", image_layers())
+        await convert_image(client, client, pushed.reference, f"{registry.host}/trace/nydus:1")
+    with lazyfs.mount(f"{registry.host}/trace/nydus:1", tmp_path / "mnt", "--plain-http") as mnt:
+        assert (mnt / "etc" / "passwd").read_text().startswith("root:x:0:0")
+        assert (mnt / "bin" / "ls").read_bytes()[:4] == b"\x7fELF"  # a symlink: the file it names is traced
+        (mnt / "etc" / "passwd").read_text()
+        traced = lazyfs("trace", str(mnt)).stdout.splitlines()
+    assert traced == ["/etc/passwd", "/bin/busybox"]
+    (tmp_path / "list").write_text("\n".join(traced) + "\n")
+    target = f"{registry.host}/trace/opt:1"
+    lazyfs("convert", "--plain-http", "--prefetch-list", str(tmp_path / "list"), pushed.reference, target)
+    async with registry.client() as client:
+        layer = await read_small_blob(client, "trace/opt", (await client.get_manifest(target)).layers[-1],
+                                      cap=64 << 20)
+    boot = Bootstrap(bootstrap_from_layer(layer))
+    root = boot.inode(boot.root_nid)
+    expected = 0
+    for path in traced:
+        ino = root
+        for part in path.encode().split(b"/")[1:]:
+            nid = boot.lookup(ino, part)
+            assert nid is not None
+            ino = boot.inode(nid)
+        expected += sum({c.index: c.compressed_size for c in boot.chunks(ino)}.values())
+    with lazyfs.mount(target, tmp_path / "mnt2", "--plain-http", "--cache-dir", str(tmp_path / "cache2")) as mnt:
+        deadline = time.monotonic() + 20
+        while (status := lazyfs.mount_status(mnt))["prefetching"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status["reads"]["reads"] == 0  # nobody read: the mount fetched exactly the listed files
+        assert status["fetch"]["prefetch_bytes"] == status["bytes_fetched"] == expected
 
 
 @pytest.mark.parametrize("mode", ["fuse", "erofs"])

@@ -112,6 +112,21 @@ def status() -> list[dict[str, Any]]:
     return out
 
 
+def trace(mountpoint: Path) -> list[str]:
+    """The files opened so far on the fuse mount at *mountpoint*, in first-open order."""
+    record = find_record(mountpoint)
+    if record is None or not record.alive():
+        raise LazyfsError(f"no running lazyfs mount at {mountpoint}")
+    try:
+        with api_client(record.socket, timeout=30) as client:
+            reply = client.get("/api/v1/trace")
+    except httpx.HTTPError as exc:
+        raise LazyfsError(f"mount daemon of {mountpoint} does not answer: {exc}") from None
+    if reply.status_code != 200:
+        raise LazyfsError(reply.json().get("error", f"HTTP {reply.status_code}"))
+    return list(reply.json()["files"])
+
+
 def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
     """Stop the daemon serving *mountpoint* (through its API, then signals) and make sure it is unmounted."""
     record = find_record(mountpoint)

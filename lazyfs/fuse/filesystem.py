@@ -66,6 +66,7 @@ class RafsFilesystem(pyfuse3.Operations):
         self.stats = stats or ReadStats()
         self.readahead = readahead
         self.initialized = trio.Event()  # set once the kernel's FUSE INIT is handled
+        self.opened: dict[int, None] = {}  # nids of the files opened so far, in first-open order
 
     def init(self) -> None:
         """FUSE INIT arrived: settings the kernel derives from it (e.g. readahead) are final after this."""
@@ -195,6 +196,7 @@ class RafsFilesystem(pyfuse3.Operations):
         self._next_fh += 1
         self._files[fh] = _OpenFile(info, chunks)
         self.stats.opens += 1
+        self.opened.setdefault(info.nid, None)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
