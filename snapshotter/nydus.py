@@ -247,7 +247,7 @@ def _check_registry(image: str, registry: str, plain_http: bool) -> None:
     """
     url = f"{'http' if plain_http else 'https'}://{api_host(registry)}/v2/"
     try:
-        httpx.get(url, timeout=REGISTRY_TIMEOUT)
+        httpx.get(url, timeout=REGISTRY_TIMEOUT, verify=not plain_http)  # no TLS: skip loading CA certificates
     except httpx.HTTPError as exc:
         raise Unavailable(f"registry {registry} of Nydus image {image} cannot be reached: "
                           f"{exc or type(exc).__name__}") from None
