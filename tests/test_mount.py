@@ -15,6 +15,7 @@ import pytest
 
 from lazyfs.convert.converter import convert_image, read_small_blob
 from lazyfs.fuse.api import api_client
+from lazyfs.fuse.control import Standby, spawn_daemon
 from lazyfs.fuse.records import find_record
 from lazyfs.rafs.loader import bootstrap_from_layer
 from lazyfs.rafs.reader import Bootstrap
@@ -85,6 +86,27 @@ def test_small_read_fetches_only_the_chunk_it_needs(lazyfs: Lazyfs, built: tuple
         time.sleep(0.3)  # time for any readahead or merged neighbour to show up
         fetch = lazyfs.mount_status(mnt)["fetch"]
         assert (fetch["backend_requests"], fetch["backend_bytes"]) == (1, first.compressed_size)
+
+
+def test_mounts_start_in_a_standby_daemon_or_without_one(lazyfs: Lazyfs, built: tuple[Path, Path, Path],
+                                                         tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("FUSE mounts need root")
+    src, boot, blobs = built
+    live, dead = Standby(), Standby()
+    dead.proc.kill()
+    dead.proc.wait()
+    for standby, mnt in ((live, tmp_path / "m1"), (dead, tmp_path / "m2")):
+        mnt.mkdir()
+        spawn_daemon([str(boot), str(mnt), "--blob-dir", str(blobs), "--cache-dir", str(lazyfs.cache)], mnt,
+                     standby=standby)
+        try:
+            assert (mnt / "a.txt").read_bytes() == (src / "a.txt").read_bytes()
+            record = find_record(mnt)
+            assert record is not None and record.alive()
+            assert (record.pid == live.proc.pid) == (standby is live)  # the waiting process became the daemon
+        finally:
+            lazyfs("umount", str(mnt))
 
 
 def test_second_mount_reuses_the_host_cache(lazyfs: Lazyfs, built: tuple[Path, Path, Path], tmp_path: Path) -> None:
