@@ -73,6 +73,7 @@ class NydusBackend:
         self.overlay = OverlayBackend(layout)
         self._locks: dict[int, threading.Lock] = {}  # per bootstrap layer id: one mount or unmount at a time
         self._locks_guard = threading.Lock()
+        self._unchecked: set[int] = set()  # image mounts started at pull time, no container on them yet
         self._standby: Standby | None = Standby()
 
     def prepare(self, snapshot: Snapshot, parents: Sequence[Snapshot]) -> list[Mount]:
@@ -108,7 +109,7 @@ class NydusBackend:
 
     def _mount_early(self, meta: Snapshot, parents: Sequence[Snapshot]) -> None:
         try:
-            self.ensure_mounted(meta, parents)
+            self.ensure_mounted(meta, parents, for_container=False)
         except SnapshotError as exc:  # the container's Prepare tries again and reports it
             log.warning("%s", fields(event="early_mount_failed", snapshot=meta.id, key=meta.key, error=str(exc)))
 
@@ -121,6 +122,7 @@ class NydusBackend:
                 log.info("%s", fields(event="unmounted", snapshot=snapshot.id, mountpoint=mountpoint))
         with self._locks_guard:
             self._locks.pop(snapshot.id, None)
+            self._unchecked.discard(snapshot.id)
 
     def recover(self) -> None:
         """At start: adopt live image mounts under containers' snapshots, mount dead ones again.
@@ -154,10 +156,21 @@ class NydusBackend:
         with self._locks_guard:
             return self._locks.setdefault(meta.id, threading.Lock())
 
-    def ensure_mounted(self, meta: Snapshot, parents: Sequence[Snapshot]) -> Path:
-        """The image's lazyfs mount, adopted when its daemon lives, mounted (again) otherwise."""
+    def ensure_mounted(self, meta: Snapshot, parents: Sequence[Snapshot], *, for_container: bool = True) -> Path:
+        """The image's lazyfs mount, adopted when its daemon lives, mounted (again) otherwise.
+
+        A mount made for no container (at pull time) is checked against its registry again when its first
+        container comes, as a mount made for that container would have been.
+        """
         with self._lock(meta):
-            return self._ensure_mounted(meta, parents)
+            mountpoint = self._ensure_mounted(meta, parents)
+            if not for_container:
+                self._unchecked.add(meta.id)
+            elif meta.id in self._unchecked:
+                image = self._image_ref(meta, parents)
+                _check_registry(image, *self._registry(image))
+                self._unchecked.discard(meta.id)
+            return mountpoint
 
     def _ensure_mounted(self, meta: Snapshot, parents: Sequence[Snapshot]) -> Path:
         mountpoint = self.mountpoint(meta)
@@ -171,8 +184,7 @@ class NydusBackend:
         args = [str(bootstrap), str(mountpoint), "--image", image, "--mode", self.options.mode]
         if self.options.cache_dir is not None:
             args += ["--cache-dir", str(self.options.cache_dir)]
-        registry = ImageReference.parse(image).registry
-        plain_http = registry in self.options.plain_http or registry.rsplit(":", 1)[0] in self.options.plain_http
+        registry, plain_http = self._registry(image)
         if plain_http:
             args.append("--plain-http")
         if self.options.backend == "p2p":
@@ -185,6 +197,11 @@ class NydusBackend:
             raise Unavailable(f"cannot mount Nydus image {image} from registry {registry}: {message}") from None
         log.info("%s", fields(event="mounted", snapshot=meta.id, image=image, mountpoint=mountpoint))
         return mountpoint
+
+    def _registry(self, image: str) -> tuple[str, bool]:
+        """The registry of *image*, and whether it is reached over plain HTTP."""
+        registry = ImageReference.parse(image).registry
+        return registry, registry in self.options.plain_http or registry.rsplit(":", 1)[0] in self.options.plain_http
 
     def _take_standby(self) -> Standby | None:
         """The waiting daemon, if any; a new one starts :data:`STANDBY_DELAY` seconds later."""
