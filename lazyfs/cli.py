@@ -178,7 +178,7 @@ def _mount_options(args: argparse.Namespace, mountpoint: Path) -> MountOptions:
                         args.plain_http, args.platform, args.username, args.password, args.peer_proxy)
     prefetch = read_prefetch_list(args.prefetch_list) if args.prefetch_list else ()
     return MountOptions(source, mountpoint, Path(args.cache_dir), args.mode, prefetch, args.prefetch_all,
-                        args.prefetch_bandwidth, FetchOptions(read_timeout=args.read_timeout))
+                        args.prefetch_bandwidth, FetchOptions(read_timeout=args.read_timeout, amplify=args.amplify_io))
 
 
 def _log_to_stderr() -> None:
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-all", action="store_true", help="prefetch every chunk in the background")
     p.add_argument("--prefetch-bandwidth", type=_size, help="prefetch bandwidth limit in bytes/s (e.g. 50M)")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds before a read that cannot be served fails")
+    p.add_argument("--amplify-io", type=_size, default=0, metavar="SIZE",
+                   help="a miss also fetches the following chunks within SIZE bytes (nydusd's amplify_io; default 0: "
+                        "only what is read), fewer requests on high-latency links")
     p.add_argument("--foreground", action="store_true", help="run the mount daemon in this process")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _registry_options(p)
