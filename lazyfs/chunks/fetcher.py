@@ -55,7 +55,7 @@ class FetchOptions:
     merge_window: int = 1 << 20  # most bytes one range request spans when merging neighbours
     amplify: int = 0  # bytes of neighbours nobody asked for that a miss may bring along (nydusd's amplify_io)
     concurrency: int = 8  # backend requests in flight at once
-    prefetch_concurrency: int = 2  # of which prefetch may use at most this many
+    prefetch_concurrency: int = 4  # of which prefetch may use at most this many (startup files are many and small)
     read_timeout: float = 30.0  # a read fails (EIO) after this long without data
     request_timeout: float = 10.0  # one backend request is abandoned and retried after this long
     retry_backoff: float = 0.1  # first retry delay, doubled per attempt
