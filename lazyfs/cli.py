@@ -136,9 +136,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 async def _convert(args: argparse.Namespace) -> int:
     from lazyfs.convert.converter import convert_image
-    from lazyfs.rafs.builder import BuildOptions
+    from lazyfs.rafs.builder import BuildOptions, read_prefetch_list
 
-    options = BuildOptions(Compressor.parse(args.compressor), Digester.parse(args.digester), args.chunk_size)
+    prefetch = read_prefetch_list(args.prefetch_list) if args.prefetch_list else ()
+    options = BuildOptions(Compressor.parse(args.compressor), Digester.parse(args.digester), args.chunk_size, prefetch)
     async with _client(args, args.source) as src, _client(args, args.target) as dst:
         result = await convert_image(src, dst, args.source, args.target, platform=args.platform, options=options,
                                      progress=Progress(), work_dir=args.work_dir)
@@ -177,7 +178,7 @@ def _mount_options(args: argparse.Namespace, mountpoint: Path) -> MountOptions:
                         args.plain_http, args.platform, args.username, args.password, args.peer_proxy)
     prefetch = read_prefetch_list(args.prefetch_list) if args.prefetch_list else ()
     return MountOptions(source, mountpoint, Path(args.cache_dir), args.mode, prefetch, args.prefetch_all,
-                        args.prefetch_bandwidth, FetchOptions(read_timeout=args.read_timeout))
+                        args.prefetch_bandwidth, FetchOptions(read_timeout=args.read_timeout, amplify=args.amplify_io))
 
 
 def _log_to_stderr() -> None:
@@ -211,6 +212,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         ratio = "-" if m["cache_hit_ratio"] is None else f"{100 * m['cache_hit_ratio']:.1f}"
         print(f"{m['mountpoint']:30} {m['mode']:5} {human(m['bytes_read']):>10} {human(m['bytes_fetched']):>10} "
               f"{ratio:>6} {m['in_flight']:>8}  {m['source']}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Print the files a fuse mount's readers opened, in first-open order: a prefetch list."""
+    from lazyfs.fuse.control import trace
+
+    for path in trace(Path(args.mountpoint).resolve()):
+        print(path)
     return 0
 
 
@@ -357,7 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", required=True, help="where to write the bootstrap")
     p.add_argument("--blob-dir", required=True, help="directory that receives the blob, named by its sha256")
     _build_options(p)
-    p.add_argument("--prefetch-list", help="file with one path per line to put in the prefetch table")
 
     p = add("merge", cmd_merge, "Merge per-layer bootstraps (lowest layer first) into one bootstrap.")
     p.add_argument("bootstraps", nargs="+", metavar="BOOT")
@@ -404,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-all", action="store_true", help="prefetch every chunk in the background")
     p.add_argument("--prefetch-bandwidth", type=_size, help="prefetch bandwidth limit in bytes/s (e.g. 50M)")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds before a read that cannot be served fails")
+    p.add_argument("--amplify-io", type=_size, default=0, metavar="SIZE",
+                   help="a miss also fetches the following chunks within SIZE bytes (nydusd's amplify_io; default 0: "
+                        "only what is read), fewer requests on high-latency links")
     p.add_argument("--foreground", action="store_true", help="run the mount daemon in this process")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _registry_options(p)
@@ -413,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status, "List mounts: bytes read, bytes fetched, cache hit ratio, in-flight fetches.")
     p.add_argument("--json", action="store_true")
+
+    p = add("trace", cmd_trace, "Print the files opened on a fuse mount, first-open order: a --prefetch-list.")
+    p.add_argument("mountpoint")
 
     p = add("cache", cmd_cache, "Inspect or garbage-collect the chunk cache.")
     p.add_argument("action", choices=["ls", "gc"])
@@ -473,6 +488,8 @@ def _build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"])
     p.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
     p.add_argument("--chunk-size", type=_chunk_size, default=0x100000, help="bytes per chunk (default 1 MiB)")
+    p.add_argument("--prefetch-list", help="file with one path per line (e.g. from `lazyfs trace`) to put in the "
+                   "prefetch table: mounts fetch those files first")
 
 
 def _registry_options(p: argparse.ArgumentParser) -> None:

@@ -46,6 +46,10 @@ class Backend(Protocol):
         """Called before active *snapshot* is committed (outside the lock); returns the usage to record."""
         ...
 
+    def committed(self, snapshot: Snapshot, parents: Sequence[Snapshot]) -> None:
+        """Called once *snapshot* is committed (outside the lock): a chance to get ready for its children."""
+        ...
+
     def remove(self, snapshot: Snapshot) -> None:
         """Release what the backend holds for *snapshot* (mounts, daemons) before its directory is deleted.
 

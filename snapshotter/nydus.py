@@ -5,10 +5,13 @@
 - The bootstrap layer (``nydus-bootstrap``) and every ordinary layer unpack as plain overlay snapshots.
 - A container's snapshot whose parent chain holds a bootstrap layer gets an overlay whose only lowerdir
   is a lazyfs mount of that bootstrap (one mount daemon per image, shared by its containers), with the
-  blobs read lazily from the image's registry.
+  blobs read lazily from the image's registry. The mount starts in the background as soon as the bootstrap
+  layer is committed (the end of the pull), so the first container usually finds it ready.
 
 Mount daemons are separate processes: they outlive a snapshotter restart; :meth:`NydusBackend.recover`
 adopts (or mounts again) at start those that containers still sit on, any other is adopted at its next use.
+One daemon process always waits on standby (:class:`lazyfs.fuse.control.Standby`), so a mount does not
+wait for Python to start; a used standby is replaced a few seconds later, not while its container starts.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
 from lazyfs.errors import LazyfsError
+from lazyfs.fuse.control import Standby, spawn_daemon
 from lazyfs.fuse.records import find_record
 from lazyfs.rafs.reader import Bootstrap
 from lazyfs.registry.reference import ImageReference, api_host
@@ -43,6 +48,8 @@ MOUNT_TIMEOUT = 60
 """Seconds a ``lazyfs mount`` or ``umount`` may take."""
 REGISTRY_TIMEOUT = 5.0
 """Seconds the registry check before an image mount waits for an answer."""
+STANDBY_DELAY = 5.0
+"""Seconds after a mount took the standby daemon before the next one starts."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,10 @@ class NydusBackend:
         self.store = store
         self.options = options
         self.overlay = OverlayBackend(layout)
+        self._locks: dict[int, threading.Lock] = {}  # per bootstrap layer id: one mount or unmount at a time
+        self._locks_guard = threading.Lock()
+        self._unchecked: set[int] = set()  # image mounts started at pull time, no container on them yet
+        self._standby: Standby | None = Standby()
 
     def prepare(self, snapshot: Snapshot, parents: Sequence[Snapshot]) -> list[Mount]:
         """Claim Nydus data layers; mount images lazily for containers; overlay for the rest."""
@@ -90,12 +101,28 @@ class NydusBackend:
         """The overlay backend's usage."""
         return self.overlay.commit(snapshot)
 
+    def committed(self, snapshot: Snapshot, parents: Sequence[Snapshot]) -> None:
+        """Start mounting a just-unpacked Nydus image in the background, for its first container."""
+        if snapshot.labels.get(LABEL_NYDUS_BOOTSTRAP) == "true":
+            threading.Thread(target=self._mount_early, args=(snapshot, parents), name=f"mount-{snapshot.id}",
+                             daemon=True).start()
+
+    def _mount_early(self, meta: Snapshot, parents: Sequence[Snapshot]) -> None:
+        try:
+            self.ensure_mounted(meta, parents, for_container=False)
+        except SnapshotError as exc:  # the container's Prepare tries again and reports it
+            log.warning("%s", fields(event="early_mount_failed", snapshot=meta.id, key=meta.key, error=str(exc)))
+
     def remove(self, snapshot: Snapshot) -> None:
         """Unmount the image mount of a bootstrap layer that goes away."""
         mountpoint = self.mountpoint(snapshot)
-        if mountpoint.exists() and (find_record(mountpoint) is not None or os.path.ismount(mountpoint)):
-            self._lazyfs("umount", str(mountpoint))
-            log.info("%s", fields(event="unmounted", snapshot=snapshot.id, mountpoint=mountpoint))
+        with self._lock(snapshot):
+            if mountpoint.exists() and (find_record(mountpoint) is not None or os.path.ismount(mountpoint)):
+                self._lazyfs("umount", str(mountpoint))
+                log.info("%s", fields(event="unmounted", snapshot=snapshot.id, mountpoint=mountpoint))
+        with self._locks_guard:
+            self._locks.pop(snapshot.id, None)
+            self._unchecked.discard(snapshot.id)
 
     def recover(self) -> None:
         """At start: adopt live image mounts under containers' snapshots, mount dead ones again.
@@ -125,8 +152,27 @@ class NydusBackend:
         """Where the image whose bootstrap layer is *meta* is mounted."""
         return self.layout.dir(meta.id) / "lazyfs"
 
-    def ensure_mounted(self, meta: Snapshot, parents: Sequence[Snapshot]) -> Path:
-        """The image's lazyfs mount, adopted when its daemon lives, mounted (again) otherwise."""
+    def _lock(self, meta: Snapshot) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(meta.id, threading.Lock())
+
+    def ensure_mounted(self, meta: Snapshot, parents: Sequence[Snapshot], *, for_container: bool = True) -> Path:
+        """The image's lazyfs mount, adopted when its daemon lives, mounted (again) otherwise.
+
+        A mount made for no container (at pull time) is checked against its registry again when its first
+        container comes, as a mount made for that container would have been.
+        """
+        with self._lock(meta):
+            mountpoint = self._ensure_mounted(meta, parents)
+            if not for_container:
+                self._unchecked.add(meta.id)
+            elif meta.id in self._unchecked:
+                image = self._image_ref(meta, parents)
+                _check_registry(image, *self._registry(image))
+                self._unchecked.discard(meta.id)
+            return mountpoint
+
+    def _ensure_mounted(self, meta: Snapshot, parents: Sequence[Snapshot]) -> Path:
         mountpoint = self.mountpoint(meta)
         if self._live(mountpoint):
             return mountpoint
@@ -138,19 +184,38 @@ class NydusBackend:
         args = [str(bootstrap), str(mountpoint), "--image", image, "--mode", self.options.mode]
         if self.options.cache_dir is not None:
             args += ["--cache-dir", str(self.options.cache_dir)]
-        registry = ImageReference.parse(image).registry
-        plain_http = registry in self.options.plain_http or registry.rsplit(":", 1)[0] in self.options.plain_http
+        registry, plain_http = self._registry(image)
         if plain_http:
             args.append("--plain-http")
         if self.options.backend == "p2p":
             args += ["--backend", "p2p", "--peer-proxy", self.options.peer_proxy]
         _check_registry(image, registry, plain_http)
         try:
-            self._lazyfs("mount", *args)
-        except Unavailable as exc:
-            raise Unavailable(f"cannot mount Nydus image {image} from registry {registry}: {exc}") from None
+            spawn_daemon(args, mountpoint, timeout=MOUNT_TIMEOUT, standby=self._take_standby())
+        except LazyfsError as exc:
+            message = " ".join(str(exc).split())[-500:]
+            raise Unavailable(f"cannot mount Nydus image {image} from registry {registry}: {message}") from None
         log.info("%s", fields(event="mounted", snapshot=meta.id, image=image, mountpoint=mountpoint))
         return mountpoint
+
+    def _registry(self, image: str) -> tuple[str, bool]:
+        """The registry of *image*, and whether it is reached over plain HTTP."""
+        registry = ImageReference.parse(image).registry
+        return registry, registry in self.options.plain_http or registry.rsplit(":", 1)[0] in self.options.plain_http
+
+    def _take_standby(self) -> Standby | None:
+        """The waiting daemon, if any; a new one starts :data:`STANDBY_DELAY` seconds later."""
+        with self._locks_guard:
+            standby, self._standby = self._standby, None
+        timer = threading.Timer(STANDBY_DELAY, self._replenish)
+        timer.daemon = True
+        timer.start()
+        return standby
+
+    def _replenish(self) -> None:
+        with self._locks_guard:
+            if self._standby is None:
+                self._standby = Standby()
 
     @staticmethod
     def _live(mountpoint: Path) -> bool:
@@ -199,7 +264,7 @@ def _check_registry(image: str, registry: str, plain_http: bool) -> None:
     """
     url = f"{'http' if plain_http else 'https'}://{api_host(registry)}/v2/"
     try:
-        httpx.get(url, timeout=REGISTRY_TIMEOUT)
+        httpx.get(url, timeout=REGISTRY_TIMEOUT, verify=not plain_http)  # no TLS: skip loading CA certificates
     except httpx.HTTPError as exc:
         raise Unavailable(f"registry {registry} of Nydus image {image} cannot be reached: "
                           f"{exc or type(exc).__name__}") from None

@@ -108,6 +108,9 @@ class OverlayBackend:
         """The disk usage of the snapshot's own files."""
         return disk_usage(self.layout.fs(snapshot.id))
 
+    def committed(self, snapshot: Snapshot, parents: Sequence[Snapshot]) -> None:
+        """Nothing to get ready: children mount the committed directory as it is."""
+
     def remove(self, snapshot: Snapshot) -> None:
         """Nothing to release: the service deletes the directory."""
 

@@ -93,6 +93,8 @@ class SnapshotService:
         usage = self.backend.commit(active)
         with self.store.transaction() as tx:
             committed = tx.commit(request.key, request.name, request.labels, usage)
+            parents = tx.parents(committed)
+        self.backend.committed(committed, parents)
         log.info("%s", fields(rpc="Commit", ns=_namespace(context), key=request.key, name=request.name,
                               id=committed.id, size=usage.size, inodes=usage.inodes))
         return empty_pb2.Empty()

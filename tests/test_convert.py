@@ -22,7 +22,8 @@ from lazyfs.convert.nydus_image import (
     LABEL_NYDUS_FS_VERSION,
     NYDUS_BLOB_MEDIA_TYPE,
 )
-from lazyfs.errors import FormatError
+from lazyfs.errors import BuildError, FormatError
+from lazyfs.rafs.builder import BuildOptions
 from lazyfs.rafs.export import export_blob_data, unpack_tree
 from lazyfs.rafs.loader import bootstrap_from_layer
 from lazyfs.rafs.reader import Bootstrap
@@ -144,6 +145,39 @@ async def test_convert_multi_layer_image(registry: RegistryServer, tmp_path: Pat
     devices = export_blob_data(tree, blobs, tmp_path / "export")
     with erofs_mount(tmp_path / "boot", devices, tmp_path / "mnt") as mnt:
         assert diff(undated_implicit_dirs(snapshot(reference)), undated_implicit_dirs(snapshot(mnt))) == []
+
+
+async def test_convert_with_prefetch_list_keeps_a_bootstrap_kernel_and_fsck_read(
+        registry: RegistryServer, tmp_path: Path) -> None:
+    listed = (b"/etc/passwd", b"/bin/busybox")
+    async with registry.client() as client:
+        pushed = await push_test_image(client, "pf/src", "1", image_layers())
+        target = f"{registry.host}/pf/nydus:1"
+        await convert_image(client, client, pushed.reference, target, options=BuildOptions(prefetch=listed))
+        with pytest.raises(BuildError, match="not in the image"):
+            await convert_image(client, client, pushed.reference, f"{registry.host}/pf/bad:1",
+                                options=BuildOptions(prefetch=(b"/data/gone.txt",)))  # whited out above
+        manifest = await client.get_manifest(target)
+        boot_layer = await read_small_blob(client, "pf/nydus", manifest.layers[-1], cap=64 << 20)
+        blobs = tmp_path / "blobs"
+        blobs.mkdir()
+        for d in manifest.layers[:-1]:
+            await client.fetch_blob_to_file("pf/nydus", d.digest, blobs / d.digest[7:])
+    boot = tmp_path / "boot"
+    boot.write_bytes(bootstrap_from_layer(boot_layer))
+    tree = Bootstrap.open(boot).to_tree()
+    assert tree.prefetch == list(listed)
+    devices = export_blob_data(tree, blobs, tmp_path / "export")
+    with erofs_mount(boot, devices, tmp_path / "mnt") as mnt:
+        assert (mnt / "etc" / "passwd").read_text().startswith("root:x:0:0")
+    fsck = shutil.which("fsck.erofs")
+    if fsck is None:
+        pytest.skip("erofs-utils not installed")
+    out = tmp_path / "extracted"
+    proc = subprocess.run([fsck, *(f"--device={d}" for d in devices), f"--extract={out}", str(boot)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "etc" / "passwd").read_text().startswith("root:x:0:0")
 
 
 async def test_convert_docker_zstd_image_and_refuse_nydus(registry: RegistryServer, tmp_path: Path) -> None:

@@ -109,7 +109,8 @@ async def read_file(fetcher: ChunkFetcher, image: Image, name: str) -> bytes:
 
 async def test_dir_backend_serves_every_file_then_cache_hits(image: Image, tmp_path: Path) -> None:
     backend = CountingBackend(DirBackend(image.blob_dir))
-    async with fetcher_for(image, backend, tmp_path / "cache") as fetcher:
+    amplified = dataclasses.replace(FAST, amplify=64 * 1024)
+    async with fetcher_for(image, backend, tmp_path / "cache", amplified) as fetcher:
         for name, data in image.files.items():
             assert await read_file(fetcher, image, name) == data
         requests = len(backend.calls)
@@ -155,6 +156,21 @@ async def test_many_readers_of_one_chunk_cause_one_fetch(image: Image, tmp_path:
     assert results == [image.files["text2"][0x10000:0x20000]] * 50
 
 
+async def test_a_miss_fetches_only_the_chunks_asked_for(image: Image, tmp_path: Path) -> None:
+    backend = CountingBackend(DirBackend(image.blob_dir))
+    async with fetcher_for(image, backend, tmp_path) as fetcher:
+        ref = image.chunks[40]
+        await fetcher.get_chunk(image.blob, ref)
+        await until_idle(fetcher)
+        assert backend.calls == [(ref.compressed_offset, ref.compressed_size)]
+        text = image.file_chunks("text0")
+        assert b"".join(await fetcher.get_chunks(image.blob, text)) == image.files["text0"]
+        span = text[-1].compressed_offset + text[-1].compressed_size - text[0].compressed_offset
+        assert backend.calls[1:] == [(text[0].compressed_offset, span)]  # one request for one file's chunks
+        await fetcher.get_chunk(image.blob, image.chunks[41])  # the neighbour was not brought along
+        assert len(backend.calls) == 3 and fetcher.metrics.cache_hits == 0
+
+
 async def test_neighbouring_misses_are_merged_up_to_the_window(image: Image, tmp_path: Path) -> None:
     backend = CountingBackend(DirBackend(image.blob_dir))
     window = 64 * 1024
@@ -165,9 +181,10 @@ async def test_neighbouring_misses_are_merged_up_to_the_window(image: Image, tmp
     span = wanted[-1].compressed_offset + wanted[-1].compressed_size - wanted[0].compressed_offset
     assert len(backend.calls) <= span // (window // 2) + 1 < len(wanted)
     assert all(length <= window for _, length in backend.calls)
-    # A single miss brings its following neighbours along: reading them costs nothing more.
+    # With amplify, a single miss brings its following neighbours along: reading them costs nothing more.
     backend.calls.clear()
-    async with fetcher_for(image, backend, tmp_path / "other", dataclasses.replace(FAST, merge_window=window)) as f:
+    amplified = dataclasses.replace(FAST, merge_window=window, amplify=window)
+    async with fetcher_for(image, backend, tmp_path / "other", amplified) as f:
         await f.get_chunk(image.blob, image.chunks[40])
         await until_idle(f)
         await f.get_chunk(image.blob, image.chunks[41])

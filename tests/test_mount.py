@@ -13,9 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lazyfs.convert.converter import convert_image
+from lazyfs.convert.converter import convert_image, read_small_blob
 from lazyfs.fuse.api import api_client
+from lazyfs.fuse.control import Standby, spawn_daemon
 from lazyfs.fuse.records import find_record
+from lazyfs.rafs.loader import bootstrap_from_layer
+from lazyfs.rafs.reader import Bootstrap
 from tests.mounts import Lazyfs
 from tests.registry_fixtures import RegistryServer, push_test_image
 from tests.test_convert import image_layers, umoci_flatten, undated_implicit_dirs
@@ -63,6 +66,53 @@ def test_local_mount_is_identical_and_reports_status(lazyfs: Lazyfs, built: tupl
             (mnt / "new-file").write_text("x")
         assert info.value.errno == errno.EROFS
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+@pytest.mark.parametrize(("name", "amplify"), [("random-0.bin", 0), ("a.txt", 8 << 20)])
+def test_small_read_fetches_only_the_chunk_it_needs(lazyfs: Lazyfs, built: tuple[Path, Path, Path],
+                                                    tmp_path: Path, name: str, amplify: int) -> None:
+    """A 4 KiB read of a multi-chunk file fetches its first chunk only; with --amplify-io, a miss on a
+    small file brings its neighbours (of other files) along, as nydusd does."""
+    src, boot, blobs = built
+    bootstrap = Bootstrap.open(boot)
+    nid = bootstrap.lookup(bootstrap.inode(bootstrap.root_nid), name.encode())
+    assert nid is not None
+    first, *rest = bootstrap.chunks(bootstrap.inode(nid))
+    assert bool(rest) == (name == "random-0.bin")
+    with lazyfs.mount(boot, tmp_path / "mnt", "--blob-dir", str(blobs), "--amplify-io", str(amplify)) as mnt:
+        fd = os.open(mnt / name, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == (src / name).read_bytes()[:4096]
+        finally:
+            os.close(fd)
+        time.sleep(0.3)  # time for any readahead or merged neighbour to show up
+        fetch = lazyfs.mount_status(mnt)["fetch"]
+        assert fetch["backend_requests"] == 1
+        if amplify:
+            assert first.compressed_size < fetch["backend_bytes"] <= 1 << 20
+        else:
+            assert fetch["backend_bytes"] == first.compressed_size
+
+
+def test_mounts_start_in_a_standby_daemon_or_without_one(lazyfs: Lazyfs, built: tuple[Path, Path, Path],
+                                                         tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("FUSE mounts need root")
+    src, boot, blobs = built
+    live, dead = Standby(), Standby()
+    dead.proc.kill()
+    dead.proc.wait()
+    for standby, mnt in ((live, tmp_path / "m1"), (dead, tmp_path / "m2")):
+        mnt.mkdir()
+        spawn_daemon([str(boot), str(mnt), "--blob-dir", str(blobs), "--cache-dir", str(lazyfs.cache)], mnt,
+                     standby=standby)
+        try:
+            assert (mnt / "a.txt").read_bytes() == (src / "a.txt").read_bytes()
+            record = find_record(mnt)
+            assert record is not None and record.alive()
+            assert (record.pid == live.proc.pid) == (standby is live)  # the waiting process became the daemon
+        finally:
+            lazyfs("umount", str(mnt))
 
 
 def test_second_mount_reuses_the_host_cache(lazyfs: Lazyfs, built: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -137,6 +187,41 @@ def test_bad_source_fails_clearly(lazyfs: Lazyfs, tmp_path: Path) -> None:
                   str(tmp_path / "c"), check=False)
     assert proc.returncode == 1 and "not a Nydus bootstrap" in proc.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+async def test_traced_files_are_prefetched_from_the_image_converted_with_them(
+        registry: RegistryServer, lazyfs: Lazyfs, tmp_path: Path) -> None:
+    async with registry.client() as client:
+        pushed = await push_test_image(client, "trace/src", "1", image_layers())
+        await convert_image(client, client, pushed.reference, f"{registry.host}/trace/nydus:1")
+    with lazyfs.mount(f"{registry.host}/trace/nydus:1", tmp_path / "mnt", "--plain-http") as mnt:
+        assert (mnt / "etc" / "passwd").read_text().startswith("root:x:0:0")
+        assert (mnt / "bin" / "ls").read_bytes()[:4] == b"\x7fELF"  # a symlink: the file it names is traced
+        (mnt / "etc" / "passwd").read_text()
+        traced = lazyfs("trace", str(mnt)).stdout.splitlines()
+    assert traced == ["/etc/passwd", "/bin/busybox"]
+    (tmp_path / "list").write_text("\n".join(traced) + "\n")
+    target = f"{registry.host}/trace/opt:1"
+    lazyfs("convert", "--plain-http", "--prefetch-list", str(tmp_path / "list"), pushed.reference, target)
+    async with registry.client() as client:
+        layer = await read_small_blob(client, "trace/opt", (await client.get_manifest(target)).layers[-1],
+                                      cap=64 << 20)
+    boot = Bootstrap(bootstrap_from_layer(layer))
+    root = boot.inode(boot.root_nid)
+    expected = 0
+    for path in traced:
+        ino = root
+        for part in path.encode().split(b"/")[1:]:
+            nid = boot.lookup(ino, part)
+            assert nid is not None
+            ino = boot.inode(nid)
+        expected += sum({c.index: c.compressed_size for c in boot.chunks(ino)}.values())
+    with lazyfs.mount(target, tmp_path / "mnt2", "--plain-http", "--cache-dir", str(tmp_path / "cache2")) as mnt:
+        deadline = time.monotonic() + 20
+        while (status := lazyfs.mount_status(mnt))["prefetching"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status["reads"]["reads"] == 0  # nobody read: the mount fetched exactly the listed files
+        assert status["fetch"]["prefetch_bytes"] == status["bytes_fetched"] == expected
 
 
 @pytest.mark.parametrize("mode", ["fuse", "erofs"])

@@ -28,16 +28,21 @@ def lazyfs_mounts(root: Path) -> list[str]:
     return found
 
 
-def mount_daemons(root: Path) -> list[int]:
-    """Pids of ``lazyfs mount`` processes serving a mount point below *root*."""
+def mount_daemons(run_dir: Path | None) -> list[int]:
+    """Pids of mount daemons (processes holding /dev/fuse) started by the snapshotter that uses *run_dir*.
+
+    Daemons start as waiting standby processes, so their command line does not name their mount.
+    """
+    assert run_dir is not None
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+            environ = (proc / "environ").read_bytes().split(b"\0") if proc.name.isdigit() else []
+            if os.fsencode(f"LAZYFS_RUN_DIR={run_dir}") in environ and any(
+                    os.readlink(fd) == "/dev/fuse" for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
         except OSError:
             continue
-        if b"mount" in argv and any(os.fsencode(root) in arg for arg in argv):
-            pids.append(int(proc.name))
     return pids
 
 
@@ -52,7 +57,7 @@ async def test_gc_leaves_no_mounts_daemons_or_snapshots(registry: RegistryServer
     root = containerd.snapshotter.root
     run_dir = containerd.snapshotter.run_dir
     assert run_dir is not None
-    assert len(lazyfs_mounts(root)) == 1 and len(mount_daemons(root)) == 1, logs(containerd)
+    assert len(lazyfs_mounts(root)) == 1 and len(mount_daemons(run_dir)) == 1, logs(containerd)
 
     for name in ("gc-1", "gc-2"):
         containerd.ctr("containers", "delete", name)  # ctr run deleted the task when it exited
@@ -60,7 +65,7 @@ async def test_gc_leaves_no_mounts_daemons_or_snapshots(registry: RegistryServer
 
     assert containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout.splitlines()[1:] == []
     assert lazyfs_mounts(root) == [], logs(containerd)
-    assert mount_daemons(root) == [], logs(containerd)
+    assert mount_daemons(run_dir) == [], logs(containerd)
     assert list(run_dir.glob("mounts/*/mount.json")) == []
     assert list((root / "snapshots").iterdir()) == [] and list((root / "trash").iterdir()) == []
 
@@ -77,7 +82,7 @@ async def test_remove_unmounts_a_busy_image_mount(registry: RegistryServer, snap
             fd = os.open(rootfs / "etc" / "passwd", os.O_RDONLY)  # keeps the image mount busy
             for key in ["busy", *reversed(chain)]:
                 stub.Remove(pb.RemoveSnapshotRequest(key=key))
-            assert lazyfs_mounts(snapshotter.root) == [] and mount_daemons(snapshotter.root) == []
+            assert lazyfs_mounts(snapshotter.root) == [] and mount_daemons(snapshotter.run_dir) == []
             with contextlib.suppress(OSError):  # ENOTCONN: the detached mount's daemon is gone
                 os.close(fd)
     assert list((snapshotter.root / "snapshots").iterdir()) == []

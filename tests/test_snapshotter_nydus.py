@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,8 +52,11 @@ def mounted(mounts: list[object], target: Path) -> Iterator[Path]:
 
 
 async def unpack(stub: snapshots_pb2_grpc.SnapshotsStub, registry: RegistryServer, ref: str,
-                 tmp: Path) -> list[str]:
-    """containerd's unpacker: Prepare each layer with labels; remote layers answer ALREADY_EXISTS."""
+                 tmp: Path, *, image_ref: bool = True) -> list[str]:
+    """containerd's unpacker: Prepare each layer with labels; remote layers answer ALREADY_EXISTS.
+
+    Without *image_ref*, the layers lack the image reference label, as a label-less client leaves them.
+    """
 
     async def fetch() -> tuple[list[str], list[tuple[dict[str, str], bytes | None]]]:
         async with registry.client() as client:
@@ -70,8 +74,9 @@ async def unpack(stub: snapshots_pb2_grpc.SnapshotsStub, registry: RegistryServe
     diff_ids, layers = await fetch()
     chain = chain_ids(diff_ids)
     for i, (layer_labels, blob) in enumerate(layers):
-        labels = {"containerd.io/snapshot.ref": chain[i], "containerd.io/snapshot/cri.image-ref": ref,
-                  **layer_labels}
+        labels = {"containerd.io/snapshot.ref": chain[i], **layer_labels}
+        if image_ref:
+            labels["containerd.io/snapshot/cri.image-ref"] = ref
         key = f"extract-{i} {chain[i]}"
         parent = chain[i - 1] if i else ""
         try:
@@ -119,6 +124,25 @@ async def test_containers_run_on_a_lazy_mount(registry: RegistryServer, snapshot
             stub.Remove(pb.RemoveSnapshotRequest(key=key))
         assert not os.path.ismount(lazy_mount)
     assert nydus_blob_bytes < 100_000  # only the bootstrap layer, never the multi-MiB data blobs
+
+
+async def test_image_mount_starts_when_the_bootstrap_layer_is_committed(
+        registry: RegistryServer, snapshotter: SnapshotterProcess, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounts need root")
+    monkeypatch.setenv("LAZYFS_RUN_DIR", str(snapshotter.run_dir))  # where load_records() looks
+    ref = await _image(registry)
+    with snapshotter.client() as stub:
+        chain = await unpack(stub, registry, ref, tmp_path)
+        deadline = time.monotonic() + 30
+        while not (records := load_records()) and time.monotonic() < deadline:  # no container asked yet
+            time.sleep(0.05)
+        (record,) = records
+        assert record.alive() and os.path.ismount(record.mountpoint)
+        reply = stub.Prepare(pb.PrepareSnapshotRequest(key="c1", parent=chain[-1]))
+        assert list(reply.mounts[0].options)[-1] == f"lowerdir={record.mountpoint}"  # that very mount
+        assert load_records() == [record]
 
 
 async def test_snapshotter_restart_adopts_the_image_mount(registry: RegistryServer,
@@ -171,11 +195,7 @@ async def test_missing_image_ref_is_a_clear_error(registry: RegistryServer, snap
                                                   tmp_path: Path) -> None:
     ref = await _image(registry)
     with snapshotter.client() as stub:
-        chain = await unpack(stub, registry, ref, tmp_path)
-        for key in chain:  # drop the image reference labels, as a label-less client would leave them
-            info = stub.Stat(pb.StatSnapshotRequest(key=key)).info
-            labels = {k: v for k, v in info.labels.items() if "image-ref" not in k}
-            stub.Update(pb.UpdateSnapshotRequest(info=pb.Info(name=key, labels=labels)))
+        chain = await unpack(stub, registry, ref, tmp_path, image_ref=False)
         with pytest.raises(grpc.RpcError) as err:
             stub.Prepare(pb.PrepareSnapshotRequest(key="c", parent=chain[-1]))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -2,8 +2,9 @@
 
 :func:`open_fetcher` yields a :class:`ChunkFetcher`. A cache hit is read from the blob's
 :class:`~lazyfs.chunks.cache.BlobCache`; a miss starts one *batch*: the chunk plus the following
-missing chunks of the blob (in compressed order) that fit in ``merge_window``, read with one backend
-range request. Every chunk of a batch has a *flight* that any number of readers wait on, so each
+missing chunks of the blob (in compressed order) that the same call wants too (a read's other chunks,
+a prefetch list) or that lie within ``amplify`` bytes, all within ``merge_window``, read with one
+backend range request. Every chunk of a batch has a *flight* that any number of readers wait on, so each
 chunk is fetched once however many readers want it. Batches run in the fetcher's own nursery (a reader
 giving up does not abort a fetch others wait for), retry with exponential backoff under a bounded
 concurrency, and give up after ``read_timeout``. Data is decompressed and digest-checked before it is
@@ -19,7 +20,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence, Set
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +50,12 @@ class CorruptChunk(FetchError, DigestMismatch):
 
 @dataclass(frozen=True)
 class FetchOptions:
-    """Fetcher settings; defaults follow nydusd (1 MiB merging, 8 fetch threads)."""
+    """Fetcher settings; defaults follow nydusd (1 MiB requests, 8 fetch threads), except ``amplify``."""
 
     merge_window: int = 1 << 20  # most bytes one range request spans when merging neighbours
+    amplify: int = 0  # bytes of neighbours nobody asked for that a miss may bring along (nydusd's amplify_io)
     concurrency: int = 8  # backend requests in flight at once
-    prefetch_concurrency: int = 2  # of which prefetch may use at most this many
+    prefetch_concurrency: int = 4  # of which prefetch may use at most this many (startup files are many and small)
     read_timeout: float = 30.0  # a read fails (EIO) after this long without data
     request_timeout: float = 10.0  # one backend request is abandoned and retried after this long
     retry_backoff: float = 0.1  # first retry delay, doubled per attempt
@@ -65,8 +67,8 @@ class FetchOptions:
     def __post_init__(self) -> None:
         if min(self.merge_window, self.concurrency, self.prefetch_concurrency) < 1:
             raise ValueError("merge_window, concurrency and prefetch_concurrency must be positive")
-        if self.memory_cache < 0:
-            raise ValueError("memory_cache must not be negative")
+        if min(self.memory_cache, self.amplify) < 0:
+            raise ValueError("memory_cache and amplify must not be negative")
         if min(self.read_timeout, self.request_timeout, self.retry_backoff, self.retry_max_delay) <= 0:
             raise ValueError("timeouts and retry delays must be positive")
 
@@ -279,9 +281,10 @@ class ChunkFetcher:
         """Several chunks at once (e.g. a read plus readahead), their misses merged into few requests."""
         state = self._state(blob, refs)
         deadline = trio.current_time() + self.options.read_timeout
+        wanted = {ref.index for ref in refs}
         for ref in sorted(refs, key=lambda r: r.compressed_offset):
             if self._needs_fetch(state, ref):
-                self._launch(state, ref, self._nursery)
+                self._launch(state, ref, self._nursery, wanted)
         results: list[bytes | FetchError] = [b""] * len(refs)
 
         async def one(i: int, ref: ChunkRef) -> None:
@@ -341,7 +344,7 @@ class ChunkFetcher:
             return data
         self.metrics.cache_misses += 1
         while True:
-            flight = self._flights.get(key) or self._launch(state, ref, self._nursery)
+            flight = self._flights.get(key) or self._launch(state, ref, self._nursery, {ref.index})
             with trio.move_on_at(deadline):
                 await flight.done.wait()
             if flight.data is not None:
@@ -371,31 +374,33 @@ class ChunkFetcher:
     def _needs_fetch(self, state: _BlobState, ref: ChunkRef) -> bool:
         return (state.blob.blob_id, ref.index) not in self._flights and not state.cache.is_ready(ref.index)
 
-    def _plan(self, state: _BlobState, first: ChunkRef) -> list[ChunkRef]:
-        """*first* plus the following registered chunks that are missing and fit in the merge window."""
+    def _plan(self, state: _BlobState, first: ChunkRef, wanted: Set[int]) -> list[ChunkRef]:
+        """*first* plus the following registered chunks that are missing, fit in the merge window, lie
+        next to each other and are *wanted* (ci indexes) or within ``amplify`` bytes of *first*."""
         refs = [first]
         pos = state.position.get(first.index)
         if pos is None or state.order[pos] != first:
             return refs
         start, end = first.compressed_offset, first.compressed_offset + first.compressed_size
-        max_gap = self.options.merge_window >> 7
+        opts = self.options
+        max_gap = opts.merge_window >> 7
         for i in range(pos + 1, len(state.order)):
             nxt = state.order[i]
             nxt_end = nxt.compressed_offset + nxt.compressed_size
-            fits = nxt_end - start <= self.options.merge_window and end <= nxt.compressed_offset <= end + max_gap
-            if not fits or not self._needs_fetch(state, nxt):
+            fits = nxt_end - start <= opts.merge_window and end <= nxt.compressed_offset <= end + max_gap
+            asked = nxt.index in wanted or nxt_end - start <= opts.amplify
+            if not (fits and asked and self._needs_fetch(state, nxt)):
                 break
             refs.append(nxt)
             end = nxt_end
         return refs
 
-    def _launch(self, state: _BlobState, ref: ChunkRef, nursery: trio.Nursery,
+    def _launch(self, state: _BlobState, ref: ChunkRef, nursery: trio.Nursery, wanted: Set[int],
                 prefetch_slot: trio.Semaphore | None = None) -> _Flight:
-        """Start fetching *ref* and its mergeable neighbours in *nursery*; return *ref*'s flight.
-
-        A prefetch batch releases *prefetch_slot* when it ends.
+        """Start fetching *ref* and its mergeable neighbours (see :meth:`_plan`) in *nursery*; return
+        *ref*'s flight. A prefetch batch releases *prefetch_slot* when it ends.
         """
-        batch = _Batch(state, self._plan(state, ref), prefetch_slot is not None)
+        batch = _Batch(state, self._plan(state, ref, wanted), prefetch_slot is not None)
         for member in batch.refs:
             flight = batch.flights[member.index] = _Flight(batch)
             self._flights[(state.blob.blob_id, member.index)] = flight
@@ -506,6 +511,7 @@ class ChunkFetcher:
         """
         todo = sorted({ref.index: ref for ref in refs}.values(), key=lambda r: r.compressed_offset)
         state = self._state(blob, todo)
+        wanted = {ref.index for ref in todo}
         pacer = _Pacer(bandwidth_limit) if bandwidth_limit is not None else None
         slots = self._prefetch_slots
         async with trio.open_nursery() as nursery:
@@ -516,11 +522,11 @@ class ChunkFetcher:
                 launched = False
                 try:
                     if pacer is not None:
-                        planned = self._plan(state, ref)
+                        planned = self._plan(state, ref, wanted)
                         last = planned[-1]
                         await pacer.take(last.compressed_offset + last.compressed_size - ref.compressed_offset)
                     if self._needs_fetch(state, ref):  # it may have been fetched meanwhile
-                        self._launch(state, ref, nursery, slots)
+                        self._launch(state, ref, nursery, wanted, slots)
                         launched = True
                 finally:
                     if not launched:

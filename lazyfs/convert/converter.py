@@ -7,6 +7,7 @@ the layer size. The merged bootstrap goes into the last layer, as nydus-snapshot
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tempfile
 from dataclasses import dataclass
@@ -79,20 +80,28 @@ async def _build_layer(src: RegistryClient, repo: str, layer: Descriptor, work: 
 async def convert_image(src: RegistryClient, dst: RegistryClient, source: str, target: str, *,
                         platform: str = "linux/amd64", options: BuildOptions | None = None,
                         progress: Progress | None = None, work_dir: str | None = None) -> ConvertResult:
-    """Convert image *source* (read with *src*) into a Nydus image pushed as *target* with *dst*."""
+    """Convert image *source* (read with *src*) into a Nydus image pushed as *target* with *dst*.
+
+    The paths in ``options.prefetch`` go into the merged bootstrap's prefetch table (BuildError if one is
+    not in the image).
+    """
     progress = progress or Progress(enabled=False)
     src_ref, dst_ref = ImageReference.parse(source), ImageReference.parse(target)
     manifest: ImageManifest = await src.get_manifest(src_ref, platform)
     if is_nydus_manifest(manifest.layers):
         raise FormatError(f"{source} is already a Nydus image")
     config = await read_small_blob(src, src_ref.repository, manifest.config)
+    options = options or BuildOptions()
+    layer_options = dataclasses.replace(options, prefetch=())  # a listed path may be in any layer
     with tempfile.TemporaryDirectory(prefix="lazyfs-convert-", dir=work_dir) as tmp:
         work = Path(tmp)
         results = [
-            await _build_layer(src, src_ref.repository, layer, work, options or BuildOptions(), progress)
+            await _build_layer(src, src_ref.repository, layer, work, layer_options, progress)
             for layer in manifest.layers
         ]
         merged = merge_trees([r.tree for r in results])
+        merged.prefetch = list(options.prefetch)
+        bootstrap = write_bootstrap(merged)
         layers: list[Descriptor] = []
         for blob in merged.blobs:
             blob_path = work / "blobs" / blob.blob_id
@@ -100,7 +109,6 @@ async def convert_image(src: RegistryClient, dst: RegistryClient, source: str, t
             await dst.push_blob(dst_ref.repository, blob_path, "sha256:" + blob.blob_id)
             progress.done(f"{human(blob.compressed_size)} pushed")
             layers.append(blob_descriptor(blob.blob_id, blob_path.stat().st_size))
-    bootstrap = write_bootstrap(merged)
     boot_layer = make_bootstrap_layer(bootstrap)
     await dst.push_blob(dst_ref.repository, boot_layer.data, boot_layer.descriptor.digest)
     layers.append(boot_layer.descriptor)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -19,25 +20,59 @@ from lazyfs.fuse.records import MountRecord, find_record, folder_for, load_recor
 READY = b"ready\n"
 
 
-def spawn_daemon(argv: list[str], mountpoint: Path, timeout: float = 120.0) -> None:
-    """Run ``lazyfs mount ARGV --foreground`` detached; return once it reports the mount usable."""
+class Standby:
+    """A mount daemon process waiting for its arguments (:mod:`lazyfs.fuse.standby`): Python started
+    and modules imported ahead of the mount."""
+
+    def __init__(self, stderr: int | IO[bytes] = subprocess.DEVNULL) -> None:
+        self._ready, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lazyfs.fuse.standby", str(write_fd)], stdin=subprocess.PIPE,
+                stdout=stderr, stderr=stderr, pass_fds=(write_fd,), start_new_session=True,
+            )
+        except BaseException:
+            os.close(self._ready)
+            raise
+        finally:
+            os.close(write_fd)
+
+    def start(self, argv: list[str], log_path: Path, timeout: float) -> bytes:
+        """Run ``lazyfs mount ARGV --foreground`` here; its ready message (empty if it died or timed out)."""
+        assert self.proc.stdin is not None
+        try:
+            with self.proc.stdin:
+                self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log_path)}).encode() + b"\n")
+            return _read_ready(self._ready, timeout)
+        except BrokenPipeError:  # it died waiting
+            return b""
+        finally:
+            os.close(self._ready)
+
+    def discard(self) -> None:
+        """End a standby that will not be used (it exits at the end of its input)."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        os.close(self._ready)
+        self.proc.wait()
+
+
+def spawn_daemon(argv: list[str], mountpoint: Path, timeout: float = 120.0, standby: Standby | None = None
+                 ) -> None:
+    """Run ``lazyfs mount ARGV --foreground`` detached, in *standby* if it is still waiting; return once
+    the daemon reports the mount usable."""
     folder = folder_for(mountpoint)
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "daemon.log"
-    read_fd, write_fd = os.pipe()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lazyfs.cli", "mount", *argv, "--foreground", "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), start_new_session=True,
-        )
-    os.close(write_fd)
-    try:
-        message = _read_ready(read_fd, timeout)
-    finally:
-        os.close(read_fd)
+    if standby is None or standby.proc.poll() is not None:
+        if standby is not None:
+            standby.discard()
+        with open(log_path, "ab") as log:
+            standby = Standby(log)
+    message = standby.start(argv, log_path, timeout)
     if message != READY:
-        if proc.poll() is None:
-            proc.kill()
+        if standby.proc.poll() is None:
+            standby.proc.kill()
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise LazyfsError("mount daemon failed to start:\n  " + "\n  ".join(tail))
 
@@ -75,6 +110,21 @@ def status() -> list[dict[str, Any]]:
         except httpx.HTTPError as exc:
             out.append({"mountpoint": record.mountpoint, "source": record.source, "state": f"unreachable: {exc}"})
     return out
+
+
+def trace(mountpoint: Path) -> list[str]:
+    """The files opened so far on the fuse mount at *mountpoint*, in first-open order."""
+    record = find_record(mountpoint)
+    if record is None or not record.alive():
+        raise LazyfsError(f"no running lazyfs mount at {mountpoint}")
+    try:
+        with api_client(record.socket, timeout=30) as client:
+            reply = client.get("/api/v1/trace")
+    except httpx.HTTPError as exc:
+        raise LazyfsError(f"mount daemon of {mountpoint} does not answer: {exc}") from None
+    if reply.status_code != 200:
+        raise LazyfsError(reply.json().get("error", f"HTTP {reply.status_code}"))
+    return list(reply.json()["files"])
 
 
 def unmount(mountpoint: Path, timeout: float = 30.0) -> None:

@@ -73,6 +73,7 @@ class MountDaemon:
                                   time.time())
         self.prefetching = 0
         self.stopping = trio.Event()
+        self.fs: pyfuse3.Operations | None = None  # the FUSE filesystem, once mounted
 
     def stop(self, reason: str) -> None:
         """Ask the daemon to unmount and exit."""
@@ -88,6 +89,7 @@ class MountDaemon:
             ("GET", "/api/v1/status"): self._status,
             ("GET", "/metrics"): self._metrics,
             ("POST", "/api/v1/prefetch"): self._prefetch,
+            ("GET", "/api/v1/trace"): self._trace,
             ("POST", "/api/v1/shutdown"): self._shutdown,
         })
 
@@ -127,6 +129,12 @@ class MountDaemon:
         self.nursery.start_soon(self.run_prefetch, refs)
         return Reply.json({"chunks": sum(len(r) for r in refs.values())}, 202)
 
+    async def _trace(self, _: bytes) -> Reply:
+        if not isinstance(self.fs, RafsFilesystem):
+            return Reply.json({"error": "only fuse mounts see which files are opened"}, 409)
+        paths = self.paths_of(list(self.fs.opened))
+        return Reply.json({"files": [os.fsdecode(paths[nid]) for nid in self.fs.opened if nid in paths]})
+
     async def _shutdown(self, _: bytes) -> Reply:
         self.stop("api")
         return Reply.json({"ok": True}, 202)
@@ -154,6 +162,22 @@ class MountDaemon:
             for ref in boot.chunks(boot.inode(nid)):
                 out.setdefault(ref.blob_index, {})[ref.index] = ref
         return {b: sorted(refs.values(), key=lambda r: r.compressed_offset) for b, refs in out.items()}
+
+    def paths_of(self, nids: list[int]) -> dict[int, bytes]:
+        """One absolute path of each of *nids* (found by walking the tree)."""
+        wanted = set(nids)
+        found: dict[int, bytes] = {}
+        stack = [(self.boot.root_nid, b"")]
+        while stack and len(found) < len(wanted):
+            nid, path = stack.pop()
+            for name, child, _ in self.boot.readdir(self.boot.inode(nid)):
+                if name in (b".", b".."):
+                    continue
+                if child in wanted:
+                    found.setdefault(child, path + b"/" + name)
+                if self.boot.inode(child).is_dir:
+                    stack.append((child, path + b"/" + name))
+        return found
 
     def files_under(self, nids: list[int]) -> list[int]:
         """Regular files at or below *nids*."""
@@ -218,6 +242,7 @@ async def _serve(daemon: MountDaemon, ready: Callable[[], None], bootstrap: Path
     opts = daemon.opts
     fs, target, options = _filesystem(daemon)
     pyfuse3.init(fs, str(target), options)
+    daemon.fs = fs
     daemon.record.save()
     try:
         async with trio.open_nursery() as inner:

@@ -8,6 +8,7 @@ except that the root (whose nid is not 1) and nid 1 trade places, as FUSE wants 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -65,6 +66,7 @@ class RafsFilesystem(pyfuse3.Operations):
         self.stats = stats or ReadStats()
         self.readahead = readahead
         self.initialized = trio.Event()  # set once the kernel's FUSE INIT is handled
+        self.opened: dict[int, None] = {}  # nids of the files opened so far, in first-open order
 
     def init(self) -> None:
         """FUSE INIT arrived: settings the kernel derives from it (e.g. readahead) are final after this."""
@@ -194,6 +196,7 @@ class RafsFilesystem(pyfuse3.Operations):
         self._next_fh += 1
         self._files[fh] = _OpenFile(info, chunks)
         self.stats.opens += 1
+        self.opened.setdefault(info.nid, None)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -219,8 +222,9 @@ class RafsFilesystem(pyfuse3.Operations):
         return out
 
     def _read_ahead(self, handle: _OpenFile, off: int, end: int, last: int) -> None:
-        """Start fetching the next chunks in the background when the file is read sequentially."""
-        sequential = off == handle.next_offset
+        """Start fetching the next chunks in the background once the file is read sequentially: this read
+        continues the previous one (a first read, e.g. an ELF header before mmap, proves nothing)."""
+        sequential = 0 < handle.next_offset == off
         handle.next_offset = end
         if self.readahead is None or not sequential:
             return
@@ -233,8 +237,8 @@ class RafsFilesystem(pyfuse3.Operations):
 
     async def _prefetch_quietly(self, refs: list[ChunkRef]) -> None:
         try:
-            for ref in refs:
-                await self.source.read_ahead(self.boot.blobs[ref.blob_index], [ref])
+            for blob_index, run in itertools.groupby(refs, key=lambda ref: ref.blob_index):
+                await self.source.read_ahead(self.boot.blobs[blob_index], list(run))
         except LazyfsError as exc:  # the reader itself will get EIO if it gets there
             log.info("event=readahead_failed error=%s", exc)
 
