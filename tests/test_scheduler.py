@@ -969,7 +969,7 @@ def test_load_config(tmp_path: Path) -> None:
     path = tmp_path / "scheduler.toml"
     path.write_text('[scheduler]\nlisten = "127.0.0.1:9000"\nretry_limit = 7\n')
     config = load_config(path, retry_limit=9, peer_ttl=None)
-    assert (config.listen, config.retry_limit, config.candidate_parent_limit) == ("127.0.0.1:9000", 9, 4)
+    assert (config.listen, config.retry_limit, config.candidate_parent_limit) == ("127.0.0.1:9000", 9, 2)
     with pytest.raises(ValueError, match="bogus"):
         load_config(None, bogus=1)
 
