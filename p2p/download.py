@@ -75,12 +75,13 @@ def wanted_pieces(info: TaskInfo, download: common.Download) -> list[Piece]:
 def _hash_fd(fd: int, algorithm: str) -> str:
     h = hashlib.new(algorithm)
     buffer = aligned_buffer(DIGEST_CHUNK)  # one per call, reused read after read
-    offset, data = 0, read_into(fd, buffer, 0, DIGEST_CHUNK)
-    while data:
+    offset = 0
+    while True:
+        data = read_into(fd, buffer, offset, DIGEST_CHUNK)
         h.update(data)
         offset += len(data)
-        data = read_into(fd, buffer, offset, DIGEST_CHUNK) if len(data) == DIGEST_CHUNK else data[:0]
-    return h.hexdigest()
+        if len(data) < DIGEST_CHUNK:  # the end: a short read leaves an unaligned offset
+            return h.hexdigest()
 
 
 @dataclass

@@ -4,8 +4,8 @@ A connection sends DownloadPiece requests, one at a time (Dragonfly sends one pe
 with a PieceContent frame followed by the raw piece bytes in 1 MiB chunks, each drawn from the upload limiter, then
 read with ``O_DIRECT`` into a reused buffer and sent, both on a worker thread (content files are written past the
 page cache, so ``sendfile`` would fill fresh page cache first: several times the CPU of the read and the send), or
-with an error frame: NOT_FOUND for an unknown task
-or unfinished piece, INVALID_ARGUMENT for a malformed request, INTERNAL otherwise. When ``max_uploads`` pieces
+with an error frame: NOT_FOUND for an unknown task or unfinished piece, INVALID_ARGUMENT for a malformed request,
+INTERNAL otherwise. When ``max_uploads`` pieces
 are in flight the request is refused with INTERNAL and a message starting "too many uploads" (Vortex has no busy
 code). A frame the server cannot resynchronise after (bad header, tag or length) closes the connection.
 """

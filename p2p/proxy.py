@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import mmap
 import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -51,6 +52,7 @@ import trio
 from lazyfs.registry.transport import describe
 from p2p.api import common
 from p2p.config import PeerConfig
+from p2p.direct_io import ALIGN, aligned_buffer, read_into
 from p2p.download import Downloader, DownloadError, Job, download_task_id
 from p2p.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from p2p.storage import SUCCEEDED, Storage, StorageError
@@ -413,7 +415,8 @@ class Proxy:
         first, last = start // length, end // length
         arrived: set[int] = set()
         following = first
-        with self.storage.content_fd(job.task_id) as fd:
+        buffer = aligned_buffer(SEND_CHUNK + 2 * ALIGN)  # reused chunk after chunk
+        with self.storage.content_fd(job.task_id, direct=True) as fd:
             # A failed download marks its task failed (or deletes it on a digest mismatch): watch then raises.
             async for piece in self.storage.watch(job.task_id, range(first, last + 1)):
                 arrived.add(piece.number)
@@ -421,7 +424,8 @@ class Proxy:
                     if following == last:
                         await self._finished(job)
                     offset = following * length
-                    await self._send_file(conn, stream, fd, max(start, offset), min(end + 1, offset + length))
+                    await self._send_file(conn, stream, fd, buffer, max(start, offset),
+                                          min(end + 1, offset + length))
                     following += 1
 
     @staticmethod
@@ -430,15 +434,17 @@ class Proxy:
         if job.error:
             raise DownloadError(job.error)
 
-    async def _send_file(self, conn: h11.Connection, stream: trio.abc.Stream, fd: int, offset: int,
-                         end: int) -> None:
+    async def _send_file(self, conn: h11.Connection, stream: trio.abc.Stream, fd: int, buffer: mmap.mmap,
+                         offset: int, end: int) -> None:
+        """Bytes *offset*..*end* of the content, read past the page cache into *buffer*, as body data."""
         while offset < end:
-            data = await trio.to_thread.run_sync(os.pread, fd, min(SEND_CHUNK, end - offset), offset)
+            data = await trio.to_thread.run_sync(read_into, fd, buffer, offset, min(SEND_CHUNK, end - offset))
             if not data:
                 raise StorageError(f"content file ends at {offset}")
             try:
-                for part in conn.send_with_data_passthrough(h11.Data(data=data)) or ():
-                    await stream.send_all(part)  # no copy of the data into h11's framing
+                # h11 only measures the data and hands it back (passthrough): the buffer's view needs no copy
+                for part in conn.send_with_data_passthrough(h11.Data(data=cast(bytes, data))) or ():
+                    await stream.send_all(part)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise _Closed from None
             offset += len(data)

@@ -41,7 +41,6 @@ _TASK_QUERY = """SELECT t.task_id, url, content_length, piece_length, state, dow
     (SELECT COUNT(*) FROM pieces p WHERE p.task_id = t.task_id) FROM tasks t"""
 
 
-
 class StorageError(Exception):
     """A storage operation that cannot be done; the message names the task and piece."""
 
